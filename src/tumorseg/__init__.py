@@ -1,0 +1,13 @@
+"""tumorseg: brain-tumour segmentation in MRI with a U-Net trained with the Dice loss."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("tumorseg")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from tumorseg.checkpoint import load_model  # noqa: E402
+from tumorseg.model import UNet  # noqa: E402
+
+__all__ = ["UNet", "load_model", "__version__"]

@@ -1,0 +1,245 @@
+"""A decoded copy of a kaggle_3m folder so that TIFFs are read once.
+
+Layout of a cache folder:
+    manifest.json                     version, source folder, one record per patient
+    patients/<id>/images.npy          uint8 (S, H, W, 3), raw pixels as in the TIFFs
+    patients/<id>/masks.npy           uint8 (S, H, W), 0/1 (absent for unlabelled folders)
+
+Each record keeps the per-channel normalisation statistics of the patient volume (the
+10th and 99th percentiles) and a fingerprint of its source files (names, sizes,
+modification times): re-running `prepare` re-decodes only patients whose files changed
+and drops patients that disappeared. Files are written to temporaries and renamed, and
+the manifest is rewritten after each patient, so an interrupted run loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from tumorseg.config import NORM_PERCENTILES
+from tumorseg.data.kaggle import find_patient_dirs, list_slices, read_metadata, read_patient
+from tumorseg.errors import DataError
+
+CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PatientRecord:
+    """What the cache knows about one patient."""
+
+    patient: str  # folder name, e.g. TCGA_CS_4941_19960909
+    slices: list[int]  # slice numbers in order
+    height: int
+    width: int
+    has_masks: bool
+    low: list[float]  # per-channel 10th percentile over the patient volume
+    high: list[float]  # per-channel 99th percentile
+    tumour_pixels: int  # mask pixels == 1 over all slices (0 when unlabelled)
+    tumour_slices: int  # slices with at least one tumour pixel
+    fingerprint: str  # of the source files
+
+
+def file_fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha1()
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def volume_percentiles(
+    images: np.ndarray, percentiles: tuple[float, float] = NORM_PERCENTILES
+) -> tuple[list[float], list[float]]:
+    """Per-channel (low, high) percentiles over a volume uint8 (S, H, W, C)."""
+    flat = images.reshape(-1, images.shape[-1])
+    q = np.percentile(flat, list(percentiles), axis=0)
+    return [float(v) for v in q[0]], [float(v) for v in q[1]]
+
+
+def default_cache_dir(raw_root: str | Path) -> Path:
+    """Where the cache of `raw_root` lives unless `--out` says otherwise:
+    `$TUMORSEG_CACHE` (or ~/.cache/tumorseg) / <folder name>-<hash of its absolute path>."""
+    base = Path(os.environ.get("TUMORSEG_CACHE") or Path.home() / ".cache" / "tumorseg")
+    resolved = Path(raw_root).resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    return base / f"{resolved.name}-{digest}"
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Cache:
+    """An opened cache folder. Arrays are memory-mapped on access."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self.source = manifest.get("source", "")
+        self.metadata: dict[str, dict[str, str]] = manifest.get("metadata", {})
+        self.records: dict[str, PatientRecord] = {
+            r["patient"]: PatientRecord(**r) for r in manifest["patients"]
+        }
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted(self.records)
+
+    def images(self, patient: str) -> np.ndarray:
+        """uint8 (S, H, W, 3), memory-mapped."""
+        return np.load(self.root / "patients" / patient / "images.npy", mmap_mode="r")
+
+    def masks(self, patient: str) -> np.ndarray | None:
+        """uint8 (S, H, W) with 0/1, memory-mapped; None for an unlabelled patient."""
+        if not self.records[patient].has_masks:
+            return None
+        return np.load(self.root / "patients" / patient / "masks.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.root)!r}, patients={len(self)})"
+
+
+def is_cache_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def open_cache(path: str | Path) -> Cache:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path / MANIFEST}: unreadable cache manifest ({e}); delete the folder "
+                        "and run `tumorseg prepare` again") from e
+    if manifest.get("version") != CACHE_VERSION:
+        raise DataError(f"{path}: cache version {manifest.get('version')} is not {CACHE_VERSION}; "
+                        "run `tumorseg prepare` on the raw folder again")
+    return Cache(path, manifest)
+
+
+def prepare(
+    raw_root: str | Path,
+    out: str | Path | None = None,
+    require_masks: bool = True,
+    progress: bool = True,
+) -> Cache:
+    """Decode a kaggle_3m folder into a cache (a no-op for patients that did not change).
+
+    Args:
+        raw_root: the kaggle_3m folder (or a folder holding it).
+        out: cache folder; default `default_cache_dir(raw_root)`.
+        require_masks: every image must have its mask (training/evaluation data).
+        progress: show a progress bar.
+
+    Raises:
+        DataError: any problem with the raw data, naming the file. Patients decoded
+            before the error stay in the cache; nothing half-written is left behind.
+    """
+    raw_root = Path(raw_root)
+    patient_dirs = find_patient_dirs(raw_root)
+    out = Path(out) if out is not None else default_cache_dir(raw_root)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"cache path {out} is a file; pass a folder to --out")
+    (out / "patients").mkdir(parents=True, exist_ok=True)
+
+    old: dict[str, dict[str, Any]] = {}
+    if is_cache_dir(out):
+        try:
+            manifest = json.loads((out / MANIFEST).read_text())
+            if manifest.get("version") == CACHE_VERSION:
+                old = {r["patient"]: r for r in manifest["patients"]}
+        except (OSError, json.JSONDecodeError, KeyError):
+            old = {}
+
+    records: dict[str, dict[str, Any]] = {}
+    meta = read_metadata(raw_root)
+
+    def write_manifest() -> None:
+        manifest = {
+            "version": CACHE_VERSION,
+            "source": str(raw_root.resolve()),
+            "percentiles": list(NORM_PERCENTILES),
+            "patients": [records[k] for k in sorted(records)],
+            "metadata": {k: v for k, v in meta.items()},
+        }
+        _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+
+    # Keep up-to-date records of patients still present even if a later one fails.
+    todo = []
+    for d in patient_dirs:
+        files = [f for s in list_slices(d, require_masks=require_masks) for f in (s.image, s.mask) if f]
+        fp = file_fingerprint(files)
+        rec = old.get(d.name)
+        pdir = out / "patients" / d.name
+        if rec and rec["fingerprint"] == fp and (pdir / "images.npy").is_file() and (
+            not rec["has_masks"] or (pdir / "masks.npy").is_file()
+        ):
+            records[d.name] = rec
+        else:
+            todo.append((d, fp))
+    changed = bool(todo) or set(old) != set(records)
+
+    for d, fp in tqdm(todo, desc="decoding patients", unit="patient", disable=not progress or not todo):
+        numbers, images, masks = read_patient(d, require_masks=require_masks)
+        pdir = out / "patients" / d.name
+        pdir.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npy(pdir / "images.npy", images)
+        if masks is not None:
+            _atomic_save_npy(pdir / "masks.npy", masks)
+        else:
+            (pdir / "masks.npy").unlink(missing_ok=True)
+        low, high = volume_percentiles(images)
+        rec = PatientRecord(
+            patient=d.name, slices=numbers, height=int(images.shape[1]), width=int(images.shape[2]),
+            has_masks=masks is not None, low=low, high=high,
+            tumour_pixels=int(masks.sum()) if masks is not None else 0,
+            tumour_slices=int((masks.reshape(len(masks), -1).max(1) > 0).sum()) if masks is not None else 0,
+            fingerprint=fp,
+        )
+        records[d.name] = asdict(rec)
+        write_manifest()
+
+    # Patients whose folders are gone leave the cache.
+    for name in set(old) - {d.name for d in patient_dirs}:
+        shutil.rmtree(out / "patients" / name, ignore_errors=True)
+    if changed or not is_cache_dir(out):
+        write_manifest()
+    return open_cache(out)
+
+
+def open_data(path: str | Path, require_masks: bool = True, progress: bool = True) -> Cache:
+    """A cache for `path`: `path` itself when it is a cache folder, otherwise the default
+    cache of the raw kaggle_3m folder at `path`, prepared or refreshed as needed."""
+    if is_cache_dir(path):
+        return open_cache(path)
+    return prepare(path, require_masks=require_masks, progress=progress)

@@ -1,0 +1,147 @@
+"""Normalisation and PyTorch access to cached slices.
+
+`LGGDataset` is the plain per-item `torch.utils.data.Dataset`. Training and evaluation
+use `SliceArrays` instead: all slices of a set of patients in memory as uint8 tensors,
+normalised batch by batch, which avoids per-item Python work on small CPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tumorseg.config import CHANNELS, channel_indices
+from tumorseg.data.cache import Cache
+from tumorseg.errors import DataError
+
+
+def normalize(
+    images: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+) -> torch.Tensor:
+    """Per-patient percentile normalisation of the original: clip((x-low)/(high-low), 0, 1).
+
+    Args:
+        images: (B, C, H, W) uint8 or float raw intensities.
+        low, high: (B, C) or (C,) per-channel statistics of each image's patient volume.
+            A channel with high <= low (a constant volume) maps to 0.
+    Returns:
+        float32 (B, C, H, W) in [0, 1].
+    """
+    low = low.to(torch.float32)
+    high = high.to(torch.float32)
+    if low.dim() == 1:
+        low, high = low[None], high[None]
+    scale = torch.where(high > low, 1.0 / (high - low).clamp_min(1e-6), torch.zeros_like(low))
+    x = images.to(torch.float32)
+    return ((x - low[:, :, None, None]) * scale[:, :, None, None]).clamp_(0.0, 1.0)
+
+
+class LGGDataset(Dataset):
+    """Slices of cached patients as `(image, mask, patient, slice_number)`.
+
+    image: float32 (C, H, W) normalised per patient volume; mask: float32 (1, H, W) 0/1.
+    `channels` selects sequences by name, in the order given (default all three).
+    """
+
+    def __init__(self, cache: Cache, patients: Sequence[str] | None = None,
+                 channels: Sequence[str] = CHANNELS):
+        self.cache = cache
+        self.patients = list(patients) if patients is not None else cache.patients
+        unknown = [p for p in self.patients if p not in cache.records]
+        if unknown:
+            raise DataError(f"patient(s) not in the data at {cache.source or cache.root}: "
+                            f"{', '.join(unknown[:5])}")
+        self.channels = tuple(channels)
+        self._ch = channel_indices(self.channels)
+        self.index: list[tuple[str, int]] = [
+            (p, i) for p in self.patients for i in range(len(cache.records[p].slices))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+        patient, k = self.index[i]
+        rec = self.cache.records[patient]
+        img = torch.from_numpy(np.ascontiguousarray(self.cache.images(patient)[k][..., self._ch]))
+        img = img.permute(2, 0, 1)[None]
+        low = torch.tensor([rec.low[c] for c in self._ch])
+        high = torch.tensor([rec.high[c] for c in self._ch])
+        image = normalize(img, low, high)[0]
+        masks = self.cache.masks(patient)
+        if masks is None:
+            mask = torch.zeros((1, rec.height, rec.width), dtype=torch.float32)
+        else:
+            mask = torch.from_numpy(np.asarray(masks[k], dtype=np.float32))[None]
+        return image, mask, patient, rec.slices[k]
+
+
+@dataclass
+class SliceArrays:
+    """All slices of some patients in memory (uint8), normalised on demand per batch."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    masks: torch.Tensor  # uint8 (N, 1, H, W), 0/1
+    low: torch.Tensor  # float32 (N, C): the statistics of each slice's patient
+    high: torch.Tensor  # float32 (N, C)
+    patient_index: torch.Tensor  # int64 (N,): index into `patients`
+    slice_numbers: torch.Tensor  # int64 (N,)
+    patients: list[str]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float32 images (B, C, H, W) and float32 masks (B, 1, H, W)."""
+        x = normalize(self.images[idx], self.low[idx], self.high[idx])
+        return x, self.masks[idx].to(torch.float32)
+
+    def tumour(self) -> torch.Tensor:
+        """bool (N,): slice has at least one tumour pixel."""
+        return self.masks.flatten(1).amax(1) > 0
+
+    def patient_slices(self, i: int) -> torch.Tensor:
+        """Indices (in slice order) of the slices of patient `patients[i]`."""
+        return torch.nonzero(self.patient_index == i).flatten()
+
+
+def load_arrays(cache: Cache, patients: Sequence[str], channels: Sequence[str] = CHANNELS) -> SliceArrays:
+    """Read the slices of `patients` into memory as uint8 tensors.
+
+    Raises:
+        DataError: unknown patient, patients of different slice sizes, or no masks.
+    """
+    ch = channel_indices(tuple(channels))
+    patients = list(patients)
+    if not patients:
+        raise DataError("no patients selected")
+    sizes = set()
+    imgs, msks, lows, highs, pidx, nums = [], [], [], [], [], []
+    for i, p in enumerate(patients):
+        if p not in cache.records:
+            raise DataError(f"patient {p} is not in the data at {cache.source or cache.root}")
+        rec = cache.records[p]
+        sizes.add((rec.height, rec.width))
+        masks = cache.masks(p)
+        if masks is None:
+            raise DataError(f"patient {p} has no masks; training and evaluation need them")
+        img = torch.from_numpy(np.array(cache.images(p)[..., ch], dtype=np.uint8)).permute(0, 3, 1, 2)
+        imgs.append(img.contiguous())
+        msks.append(torch.from_numpy(np.array(masks, dtype=np.uint8))[:, None])
+        s = len(rec.slices)
+        lows.append(torch.tensor([rec.low[c] for c in ch]).expand(s, -1))
+        highs.append(torch.tensor([rec.high[c] for c in ch]).expand(s, -1))
+        pidx.append(torch.full((s,), i, dtype=torch.int64))
+        nums.append(torch.tensor(rec.slices, dtype=torch.int64))
+    if len(sizes) > 1:
+        raise DataError(f"patients have different slice sizes {sorted(sizes)}; batches need one size: "
+                        "resample the data to one size first")
+    return SliceArrays(
+        images=torch.cat(imgs), masks=torch.cat(msks), low=torch.cat(lows).float(),
+        high=torch.cat(highs).float(), patient_index=torch.cat(pidx), slice_numbers=torch.cat(nums),
+        patients=patients,
+    )

@@ -1,0 +1,110 @@
+"""Inference: device and precision choice, batched prediction, post-processing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from tumorseg.metrics import largest_component
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """"auto" picks CUDA, then Apple MPS, then the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX, where bf16 convolutions beat fp32."""
+    cpu = getattr(torch._C, "_cpu", None)
+    if cpu is None:
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, c, lambda: False)() for c in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` ("auto", "bf16", "fp32") on `device`, or None
+    for plain fp32. "auto" uses bf16 on CPUs with native bf16 and on CUDA GPUs with
+    bf16 support; elsewhere fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    # bf16 autocast runs convolutions in bf16 while BatchNorm and the loss stay in fp32.
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 16,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    tta: bool = False,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """Tumour probabilities float32 (N, 1, H, W) for normalised images float32 (N, C, H, W).
+
+    `tta` averages the probabilities of the image and its horizontal flip.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.empty((images.shape[0], 1, *images.shape[-2:]), dtype=torch.float32)
+    try:
+        for s in _batches(images.shape[0], batch_size):
+            x = images[s].to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, dtype):
+                p = torch.sigmoid(model(x).float())
+                if tta:
+                    p = 0.5 * (p + torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
+            out[s] = p.cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def binarize(probs: np.ndarray | torch.Tensor, threshold: float = 0.5,
+             postprocess: str = "none") -> np.ndarray:
+    """Binary volume (S, H, W) from probabilities (S, 1, H, W) or (S, H, W).
+
+    postprocess "lcc" keeps the largest 3-D connected component of the volume.
+    """
+    p = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    if p.ndim == 4:
+        p = p[:, 0]
+    mask = p > threshold
+    if postprocess == "lcc":
+        mask = largest_component(mask)
+    elif postprocess != "none":
+        raise ValueError(f"unknown postprocess {postprocess!r}; choose none or lcc")
+    return mask

@@ -1,0 +1,152 @@
+"""Segmentation metrics: counts first, then explicit reductions.
+
+Empty-mask rule (used everywhere in tumorseg): when the truth and the prediction are
+both empty, Dice, IoU, precision and recall are 1.0 (nothing to find, nothing found)
+and HD95 is 0; when exactly one of them is empty, Dice and IoU are 0 and HD95 is NaN
+(undefined, left out of means). Precision with no predicted pixel is 1.0 if the truth
+is empty too, else 0; recall with no true pixel is 1.0 if nothing was predicted, else 0.
+
+Per-patient Dice (the convention of this data set's literature) is one Dice over all
+slices of a patient: counts are summed over the slices, then the ratio is taken.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class Counts:
+    tp: int
+    fp: int
+    fn: int
+    tn: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
+
+
+def confusion_counts(pred: np.ndarray, truth: np.ndarray) -> Counts:
+    """TP/FP/FN/TN of two binary arrays of the same shape."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"pred and truth shapes differ: {pred.shape} vs {truth.shape}")
+    p = np.asarray(pred, dtype=bool)
+    t = np.asarray(truth, dtype=bool)
+    tp = int(np.count_nonzero(p & t))
+    fp = int(np.count_nonzero(p)) - tp
+    fn = int(np.count_nonzero(t)) - tp
+    return Counts(tp, fp, fn, p.size - tp - fp - fn)
+
+
+def dice_from_counts(c: Counts) -> float:
+    denom = 2 * c.tp + c.fp + c.fn
+    return 1.0 if denom == 0 else 2 * c.tp / denom
+
+
+def iou_from_counts(c: Counts) -> float:
+    denom = c.tp + c.fp + c.fn
+    return 1.0 if denom == 0 else c.tp / denom
+
+
+def precision_from_counts(c: Counts) -> float:
+    if c.tp + c.fp == 0:
+        return 1.0 if c.fn == 0 else 0.0
+    return c.tp / (c.tp + c.fp)
+
+
+def recall_from_counts(c: Counts) -> float:
+    if c.tp + c.fn == 0:
+        return 1.0 if c.fp == 0 else 0.0
+    return c.tp / (c.tp + c.fn)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels/voxels of a binary mask (the mask minus its erosion)."""
+    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1),
+                                    border_value=0)
+    return mask & ~eroded
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
+    """95th percentile of the symmetric surface distance between two binary masks.
+
+    Works on 2-D slices or 3-D volumes (S, H, W); `spacing` gives the physical size of a
+    step along each axis (default 1 = pixels). Both empty: 0. One empty: NaN.
+    """
+    p = np.asarray(pred, dtype=bool)
+    t = np.asarray(truth, dtype=bool)
+    if p.shape != t.shape:
+        raise ValueError(f"pred and truth shapes differ: {p.shape} vs {t.shape}")
+    if not p.any() and not t.any():
+        return 0.0
+    if not p.any() or not t.any():
+        return math.nan
+    sampling = spacing if spacing is not None else (1.0,) * p.ndim
+    sp, st = _surface(p), _surface(t)
+    dt_t = ndimage.distance_transform_edt(~st, sampling=sampling)
+    dt_p = ndimage.distance_transform_edt(~sp, sampling=sampling)
+    dists = np.concatenate([dt_t[sp], dt_p[st]])
+    return float(np.percentile(dists, 95))
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected (3-D) / 8-connected (2-D) component of a binary mask."""
+    m = np.asarray(mask, dtype=bool)
+    labels, n = ndimage.label(m, structure=np.ones((3,) * m.ndim, dtype=bool))
+    if n <= 1:
+        return m
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+@dataclass(frozen=True)
+class PatientScores:
+    patient: str
+    slices: int
+    dice: float
+    iou: float
+    precision: float
+    recall: float
+    hd95: float
+    true_voxels: int
+    pred_voxels: int
+
+
+def patient_scores(patient: str, pred: np.ndarray, truth: np.ndarray,
+                   spacing: tuple[float, ...] | None = None) -> PatientScores:
+    """Scores of one patient volume: pred, truth binary (S, H, W)."""
+    c = confusion_counts(pred, truth)
+    return PatientScores(
+        patient=patient, slices=int(pred.shape[0]), dice=dice_from_counts(c), iou=iou_from_counts(c),
+        precision=precision_from_counts(c), recall=recall_from_counts(c),
+        hd95=hd95(pred, truth, spacing), true_voxels=c.tp + c.fn, pred_voxels=c.tp + c.fp,
+    )
+
+
+def slice_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[list[float], int, int]:
+    """Per-slice view of a volume (S, H, W).
+
+    Returns:
+        (Dice of each slice that has tumour in the truth,
+         number of tumour-free true slices with any predicted pixel (false-positive slices),
+         number of tumour-free true slices).
+    """
+    dices, fp_slices, empty = [], 0, 0
+    for p, t in zip(np.asarray(pred, bool), np.asarray(truth, bool), strict=True):
+        if t.any():
+            dices.append(dice_from_counts(confusion_counts(p, t)))
+        else:
+            empty += 1
+            fp_slices += int(p.any())
+    return dices, fp_slices, empty
+
+
+def nanmean(values: list[float]) -> float:
+    arr = np.asarray(values, dtype=float)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else math.nan
