@@ -3,9 +3,7 @@ the original implementation's published `unet.pt`."""
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import torch
 
 from tumorseg.config import CHANNELS, NORM_PERCENTILES, ModelConfig
 from tumorseg.errors import CheckpointError
+from tumorseg.fileio import atomic_write
 from tumorseg.model import UNet
 
 FORMAT = "tumorseg-checkpoint"
@@ -37,18 +36,7 @@ class LoadedModel:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """Write `obj` to `path` via a temporary file in the same folder and os.replace, so a
     crash or Ctrl-C never leaves a truncated checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str | Path, model: UNet, **extra: Any) -> None:

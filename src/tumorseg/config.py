@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,9 @@ class TrainConfig:
     # --- model ---
     n_features: int = 32
     depth: int = 4
-    features: tuple[int, ...] | None = None
+    features: tuple[int, ...] | None = (16, 32, 64, 128)  # None = n_features at every level
     # --- optimisation ---
-    epochs: int = 40
+    epochs: int = 50
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -92,7 +92,8 @@ class TrainConfig:
     # --- sampling and augmentation ---
     augment: bool = True  # flips, small rotation/scale, intensity jitter (image+mask together)
     tumour_fraction: float = 0.5  # share of slices drawn from tumour slices; <0 = plain epoch
-    samples_per_epoch: int = 0  # slices seen per epoch; 0 = number of training slices
+    samples_per_epoch: int = 4000  # slices seen per epoch; 0 = number of training slices
+    crop: int = 128  # train on random crop x crop patches (tumour-centred half the time); 0 = whole slices
     # --- run ---
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 where the CPU/GPU has it), "bf16", "fp32"
@@ -126,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(
         channels=CHANNELS, n_features=32, depth=4, features=None, epochs=150, batch_size=8,
         lr=1e-4, weight_decay=0.0, schedule="step", lr_step=30, lr_gamma=0.1, loss="dice",
-        augment=False, tumour_fraction=-1.0, samples_per_epoch=0, precision="fp32",
+        augment=False, tumour_fraction=-1.0, samples_per_epoch=0, crop=0, precision="fp32",
         channels_last=False, postprocess="none",
     ),
     "default": {},
@@ -196,6 +197,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.schedule in ("step", "cosine"), f"schedule must be step or cosine, got {cfg.schedule!r}"),
         (cfg.loss in ("dice", "dice_per_image", "bce_dice"),
          f"loss must be dice, dice_per_image or bce_dice, got {cfg.loss!r}"),
+        (cfg.crop == 0 or cfg.crop >= 2 ** (cfg.depth - 1),
+         f"crop must be 0 or >= {2 ** (cfg.depth - 1)}, got {cfg.crop}"),
         (cfg.tumour_fraction < 1.0, f"tumour_fraction must be < 1, got {cfg.tumour_fraction}"),
         (cfg.precision in ("auto", "bf16", "fp32"),
          f"precision must be auto, bf16 or fp32, got {cfg.precision!r}"),

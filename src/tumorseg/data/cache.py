@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from tumorseg.config import NORM_PERCENTILES
 from tumorseg.data.kaggle import find_patient_dirs, list_slices, read_metadata, read_patient
 from tumorseg.errors import DataError
+from tumorseg.fileio import atomic_write, atomic_write_text
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -74,28 +74,6 @@ def default_cache_dir(raw_root: str | Path) -> Path:
     resolved = Path(raw_root).resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
     return base / f"{resolved.name}-{digest}"
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Cache:
@@ -192,7 +170,7 @@ def prepare(
             "patients": [records[k] for k in sorted(records)],
             "metadata": {k: v for k, v in meta.items()},
         }
-        _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
     # Keep up-to-date records of patients still present even if a later one fails.
     todo = []
@@ -213,9 +191,9 @@ def prepare(
         numbers, images, masks = read_patient(d, require_masks=require_masks)
         pdir = out / "patients" / d.name
         pdir.mkdir(parents=True, exist_ok=True)
-        _atomic_save_npy(pdir / "images.npy", images)
+        atomic_write(pdir / "images.npy", lambda f, a=images: np.save(f, a))
         if masks is not None:
-            _atomic_save_npy(pdir / "masks.npy", masks)
+            atomic_write(pdir / "masks.npy", lambda f, a=masks: np.save(f, a))
         else:
             (pdir / "masks.npy").unlink(missing_ok=True)
         low, high = volume_percentiles(images)
