@@ -63,8 +63,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first_line[:200]}); "
             "pass a tumorseg checkpoint (best.pt/last.pt) or the original unet.pt"
         ) from e
     if not isinstance(obj, dict):

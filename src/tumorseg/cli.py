@@ -21,7 +21,7 @@ FIELD_HELP = {
     "split_seed": "seed of the patient shuffle that makes the split",
     "n_features": "U-Net width of every level (when --features is not given)",
     "depth": "U-Net levels including the bottleneck (>= 2)",
-    "features": "per-level widths, comma-separated, e.g. 32,64,128,256",
+    "features": "per-level widths, comma-separated, e.g. 32,64,128,256; none = --n-features at every level",
     "epochs": "training epochs",
     "batch_size": "slices per optimiser step",
     "lr": "Adam learning rate",
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "come from the preset, then --config, then the options below.")
     p.add_argument("--data", required=False, help="kaggle_3m folder or a prepared cache (required unless --resume)")
     p.add_argument("--config", default=None, help="JSON/TOML/YAML file of config fields (default: none)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="seed = the original recipe; default = tumorseg's recipe (default: default)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset>-fold<K>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="per-patient scores and a report on labelled data",
                        description="Score a model on labelled patients: per-patient Dice, IoU, "
                                    "precision, recall, HD95; report.json, per_patient.csv and plots.")
-    p.add_argument("--data", required=True, help="kaggle_3m folder or a prepared cache")
+    p.add_argument("--data", required=True, help="kaggle_3m folder or a prepared cache (required)")
     p.add_argument("--out", default="report", help="report folder (default: report)")
     p.add_argument("--split", default=None,
                    help="splits.json of a run: evaluate only its held-out patients (default: all patients)")
@@ -141,7 +141,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
-    cfg = preset(a.preset)
+    cfg = preset(a.preset or "default")
     if a.config:
         cfg = replace_config(cfg, load_config_file(a.config))
     overrides = {f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)
@@ -158,6 +158,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.resume:
+        changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
+                   if getattr(a, f"cfg_{f.name}") is not None]
+        changed += [o for o, v in (("--preset", a.preset), ("--config", a.config), ("--split", a.split),
+                                   ("--out", a.out)) if v]
+        if changed:
+            raise TumorsegError(f"--resume continues the saved config; drop {', '.join(changed)}")
         run_dir = Path(a.resume)
         last = run_dir / "last.pt"
         if not last.is_file():
@@ -174,7 +180,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
             raise TumorsegError("--data is required (the kaggle_3m folder or a prepared cache)")
         data = a.data
         cfg = _train_config(a)
-        run_dir = Path(a.out) if a.out else Path("runs") / f"{a.preset}-fold{cfg.fold}"
+        run_dir = Path(a.out) if a.out else Path("runs") / f"{a.preset or 'default'}-fold{cfg.fold}"
         if (run_dir / "last.pt").exists():
             raise TumorsegError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                                 "or choose another --out")
@@ -209,11 +215,10 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     report = evaluate(cache, a.out, checkpoint=a.checkpoint, patients=patients, threshold=a.threshold,
                       postprocess=a.postprocess, tta=a.tta, precision=a.precision, device=a.device,
                       spacing=tuple(a.spacing) if a.spacing else None, show_progress=not a.no_progress)
-    s = report["summary"]
-    print(f"{s['patients']} patients: per-patient Dice mean {s['dice_mean']:.4f} median "
-          f"{s['dice_median']:.4f} (std {s['dice_std']:.4f}); IoU {s['iou_mean']:.4f}; "
-          f"HD95 {s['hd95_mean']:.2f} px; tumour-slice Dice {s['tumor_slice_dice_mean']:.4f}; "
-          f"empty-slice FP rate {s['empty_slice_fp_rate']:.4f}")
+    s = {k: ("n/a" if v is None else f"{v:.4f}") for k, v in report["summary"].items() if k != "patients"}
+    print(f"{report['summary']['patients']} patients: per-patient Dice mean {s['dice_mean']} median "
+          f"{s['dice_median']} (std {s['dice_std']}); IoU {s['iou_mean']}; HD95 {s['hd95_mean']} px; "
+          f"tumour-slice Dice {s['tumor_slice_dice_mean']}; empty-slice FP rate {s['empty_slice_fp_rate']}")
     print(f"report: {Path(a.out) / 'report.json'}")
     return 0
 

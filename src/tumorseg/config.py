@@ -27,7 +27,7 @@ def channel_indices(names: tuple[str, ...] | list[str]) -> list[int]:
     """Map channel names to indices in the TIFF, case-insensitively.
 
     Raises:
-        ValueError: unknown or repeated name.
+        TumorsegError: unknown or repeated name.
     """
     lookup = {c.lower(): i for i, c in enumerate(CHANNELS)}
     out = []
@@ -136,7 +136,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _coerce(name: str, value: Any, current: Any, annotation: str) -> Any:
     if name in ("channels", "features"):
-        if value is None:
+        if value is None or (name == "features" and isinstance(value, str)
+                             and value.strip().lower() in ("", "none")):
             return None
         if isinstance(value, str):
             value = [v for v in value.replace(";", ",").split(",") if v.strip()]

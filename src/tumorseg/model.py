@@ -31,9 +31,8 @@ _ACTIVATIONS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.Co
 )
 
 
-_SHARED = [None]
 def _current_stack() -> list[torch.Tensor]:
-    stack = _SHARED[0]
+    stack = _ACTIVATIONS.get()
     if stack is None:
         raise RuntimeError(
             "UNet skip-connection hook ran outside UNet.forward; call the model, not model.layers"
@@ -146,10 +145,11 @@ class UNet(nn.Module):
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
-        if not hasattr(self, "_stack"):
-            self._stack = []
-        _SHARED[0] = self._stack
-        out = self.layers(x)
+        token = _ACTIVATIONS.set([])
+        try:
+            out = self.layers(x)
+        finally:
+            _ACTIVATIONS.reset(token)
         if ph or pw:
             out = out[..., :h, :w]
         return out

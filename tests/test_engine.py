@@ -1,0 +1,138 @@
+"""Training engine: sampling, determinism, interruption and resume, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from tumorseg.checkpoint import load_checkpoint, read_checkpoint
+from tumorseg.config import TrainConfig, preset, replace_config
+from tumorseg.data import prepare
+from tumorseg.engine import batches_of, epoch_order, fit
+
+TINY = dict(
+    n_features=4, depth=3, features=None, epochs=2, batch_size=4, folds=2, crop=16,
+    samples_per_epoch=12, tumour_fraction=0.5, augment=True, precision="fp32", channels_last=False,
+    lr=1e-2, schedule="cosine", loss="bce_dice",
+)
+
+
+def tiny_config(**kw) -> TrainConfig:
+    return replace_config(TrainConfig(), {**TINY, **kw})
+
+
+@pytest.fixture
+def cache(kaggle, tmp_path):
+    return prepare(kaggle.root, tmp_path / "cache", progress=False)
+
+
+def test_seed_preset_is_the_original_recipe():
+    c = preset("seed")
+    assert (c.depth, c.n_features, c.features, c.channels) == (4, 32, None, ("pre-contrast", "FLAIR", "post-contrast"))
+    assert (c.lr, c.batch_size, c.epochs, c.schedule, c.lr_step, c.lr_gamma) == (1e-4, 8, 150, "step", 30, 0.1)
+    assert (c.loss, c.augment, c.tumour_fraction, c.crop, c.precision) == ("dice", False, -1.0, 0, "fp32")
+
+
+def test_step_schedule_drops_lr_at_epoch_30():
+    from tumorseg.engine import make_scheduler
+
+    cfg = preset("seed")
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(32):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[29] == pytest.approx(1e-4) and lrs[30] == pytest.approx(1e-5) and lrs[31] == pytest.approx(1e-5)
+
+
+def test_epoch_order_plain_is_a_permutation_and_seeded():
+    cfg = replace_config(TrainConfig(), {"tumour_fraction": -1})
+    tumour = torch.tensor([0, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    a = epoch_order(cfg, tumour, 0)
+    assert sorted(a.tolist()) == list(range(7))
+    assert torch.equal(a, epoch_order(cfg, tumour, 0))
+    assert not torch.equal(epoch_order(cfg, tumour, 0), epoch_order(cfg, tumour, 1))
+
+
+def test_epoch_order_tumour_fraction():
+    cfg = replace_config(TrainConfig(), {"tumour_fraction": 0.5, "samples_per_epoch": 1000})
+    tumour = torch.zeros(100, dtype=torch.bool)
+    tumour[:10] = True
+    order = epoch_order(cfg, tumour, 3)
+    assert order.numel() == 1000
+    # 500 forced tumour draws + about 10% of the 500 uniform draws.
+    share = tumour[order].float().mean().item()
+    assert 0.52 < share < 0.58
+
+
+def test_batches_drop_only_a_final_single_slice():
+    assert [b.tolist() for b in batches_of(torch.arange(9), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [b.numel() for b in batches_of(torch.arange(10), 4)] == [4, 4, 2]
+
+
+def test_fit_writes_run_folder(cache, tmp_path):
+    run = tmp_path / "run"
+    result = fit(tiny_config(), cache, run, show_progress=False)
+    assert result.epochs_done == 2 and not result.interrupted
+    for name in ["config.json", "splits.json", "metrics.csv", "training_curves.png", "last.pt", "best.pt"]:
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert set(rows[0]) >= {"train_loss", "val_loss", "val_dice_mean", "val_dice_median", "lr"}
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["crop"] == 16 and cfg["n_features"] == 4
+    split = json.loads((run / "splits.json").read_text())
+    train, val = set(split["folds"][1]), set(split["folds"][0])
+    assert not train & val and train | val == set(cache.patients)
+
+    ck = read_checkpoint(run / "last.pt")
+    for key in ["model_config", "config", "channels", "normalization", "epoch", "optimizer", "scheduler",
+                "rng", "history", "metrics", "tumorseg_version", "threshold", "postprocess", "split"]:
+        assert key in ck, key
+    assert ck["epoch"] == 2 and ck["normalization"]["percentiles"] == [10.0, 99.0]
+    assert ck["split"]["val"] == sorted(val)
+    loaded = load_checkpoint(run / "best.pt")
+    assert loaded.kind == "tumorseg" and loaded.model.config.n_features == 4 and not loaded.model.training
+
+
+def _state(path):
+    return read_checkpoint(path)["state_dict"]
+
+
+# 3 steps per epoch: stop mid-epoch 1, after its last step (before validation), mid-epoch 2.
+@pytest.mark.parametrize(("stop_after", "epoch", "step"), [(2, 0, 2), (3, 0, 3), (5, 1, 2)])
+def test_interrupted_and_resumed_run_equals_uninterrupted(cache, tmp_path, stop_after, epoch, step):
+    cfg = tiny_config()
+    full = fit(cfg, cache, tmp_path / "full", show_progress=False)
+    part = fit(cfg, cache, tmp_path / "part", show_progress=False, stop_after_steps=stop_after)
+    assert part.interrupted
+    progress = read_checkpoint(tmp_path / "part" / "last.pt")["progress"]
+    assert (progress["epoch"], progress["step"]) == (epoch, step)
+    resumed = fit(cfg, cache, tmp_path / "part", resume=True, show_progress=False)
+    assert resumed.epochs_done == full.epochs_done == 2
+    a, b = _state(tmp_path / "full" / "last.pt"), _state(tmp_path / "part" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows_full = list(csv.DictReader((tmp_path / "full" / "metrics.csv").open()))
+    rows_part = list(csv.DictReader((tmp_path / "part" / "metrics.csv").open()))
+    assert [r["val_dice_mean"] for r in rows_full] == [r["val_dice_mean"] for r in rows_part]
+
+
+def test_resume_without_checkpoint_is_an_error(cache, tmp_path):
+    from tumorseg.errors import TumorsegError
+
+    with pytest.raises(TumorsegError, match="last.pt does not exist"):
+        fit(tiny_config(), cache, tmp_path / "none", resume=True, show_progress=False)
+
+
+def test_training_reduces_loss(cache, tmp_path):
+    cfg = tiny_config(epochs=6, crop=0, augment=False, tumour_fraction=-1.0, samples_per_epoch=0, lr=3e-2)
+    result = fit(cfg, cache, tmp_path / "run", show_progress=False)
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < losses[0]
