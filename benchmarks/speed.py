@@ -22,8 +22,9 @@ Training is timed through `tumorseg.engine.train_one_epoch` itself (epoch of `st
 batches); inference through `tumorseg.inference.predict_probabilities` (batch 16) on whole
 slices, normalised from uint8 inside the timed region (the counterpart of the baseline's
 HDF5 reads). Rows are timed round-robin, so a change of background load hits all of them;
-every figure is the median over repetitions after one warm-up repetition. Peak memory of
-a short default training on ALL patients is measured in a child process (`ru_maxrss`).
+every figure is the median over repetitions, after a warm-up of one step and one batch per
+row. Peak memory of a short default training on ALL patients is measured in a child
+process (`ru_maxrss`).
 
 Data: --data DIR (a kaggle_3m folder or a prepared tumorseg cache); default
 $TUMORSEG_TEST_DATA, else ../shared/data/lgg restored into a temporary folder. Nothing is
@@ -209,15 +210,14 @@ def check_baseline_layout(model: OriginalUNet) -> dict[str, bool]:
 
 @dataclass
 class Row:
-    """One configuration under test: `train()` and `infer()` each time a fixed amount of work
-    and return seconds; `train_images`/`infer_images` say how many images that work is."""
+    """One configuration under test: `train(steps)` times that many training steps of
+    BATCH_SIZE images and `infer(images)` the prediction of that many whole slices; both
+    return seconds."""
 
     name: str
     label: str
-    train: Callable[[], float]
-    infer: Callable[[], float]
-    train_images: int
-    infer_images: int
+    train: Callable[[int], float]
+    infer: Callable[[int], float]
     precision: str  # "fp32" or "bf16": the peak it is compared with
     train_size: int  # side of the training inputs (crop or whole slice)
     model: nn.Module
@@ -301,16 +301,15 @@ def log(msg: str) -> None:
 # ============================================================ the rows
 
 
-def baseline_row(h5_path: Path, steps: int, infer_images: int) -> Row:
+def baseline_row(h5_path: Path) -> Row:
     torch.manual_seed(SEED)
     model = OriginalUNet(n_features=32, depth=4)
     info = check_baseline_layout(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     train_batches = cycle(baseline_loader(h5_path, shuffle=True))
     infer_batches = cycle(baseline_loader(h5_path, shuffle=False))
-    n_infer_batches = -(-infer_images // BATCH_SIZE)
 
-    def train() -> float:
+    def train(steps: int) -> float:
         model.train()
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -319,28 +318,25 @@ def baseline_row(h5_path: Path, steps: int, infer_images: int) -> Row:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            float(loss)  # the original logs loss.item() every step
+            float(loss.detach())  # the original logs the loss every step
         return time.perf_counter() - t0
 
     @torch.no_grad()
-    def infer() -> float:
+    def infer(images: int) -> float:
         model.eval()
         t0 = time.perf_counter()
-        for _ in range(n_infer_batches):
+        for _ in range(-(-images // BATCH_SIZE)):
             x, _ = next(infer_batches)
             model(x)
         return time.perf_counter() - t0
 
-    return Row("baseline", "baseline (original, fp32 NCHW, 256, HDF5)", train, infer,
-               steps * BATCH_SIZE, n_infer_batches * BATCH_SIZE, "fp32", 256, model,
+    return Row("baseline", "baseline (original, fp32 NCHW, 256, HDF5)", train, infer, "fp32", 256, model,
                lambda p, g: original_dice_loss(p, g), None, False, info)
 
 
-def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays, steps: int,
-                 infer_images: int) -> Row:
+def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays) -> Row:
     """A row timed through the package's own training and prediction functions."""
     device = torch.device("cpu")
-    cfg = replace_config(cfg, {"samples_per_epoch": steps * cfg.batch_size})
     dtype = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     model = UNet.from_config(cfg.model_config()).to(device)
@@ -349,17 +345,19 @@ def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays, s
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(cfg.loss)
     epochs = itertools.count()
-    infer_idx = torch.randperm(len(arrays), generator=torch.Generator().manual_seed(SEED))[:infer_images]
+    order = torch.randperm(len(arrays), generator=torch.Generator().manual_seed(SEED))
 
-    def train() -> float:
+    def train(steps: int) -> float:
+        # An epoch of exactly `steps` batches, drawn as `tumorseg train` draws them.
+        epoch_cfg = replace_config(cfg, {"samples_per_epoch": steps * cfg.batch_size})
         t0 = time.perf_counter()
-        train_one_epoch(model, arrays, cfg, optimizer, loss_fn, device, dtype, EpochProgress(epoch=next(epochs)),
-                        show_progress=False)
+        train_one_epoch(model, arrays, epoch_cfg, optimizer, loss_fn, device, dtype,
+                        EpochProgress(epoch=next(epochs)), show_progress=False)
         return time.perf_counter() - t0
 
-    def infer() -> float:
+    def infer(n: int) -> float:
         t0 = time.perf_counter()
-        images, _ = arrays.batch(infer_idx)
+        images, _ = arrays.batch(order[:n])
         predict_probabilities(model, images, batch_size=INFER_BATCH_TUMORSEG, device=device, dtype=dtype,
                               channels_last=cfg.channels_last)
         return time.perf_counter() - t0
@@ -369,8 +367,8 @@ def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays, s
     info = {"config": {k: cfg.to_dict()[k] for k in ("features", "n_features", "depth", "crop", "loss", "augment",
                                                       "tumour_fraction", "precision", "channels_last")},
             "autocast_dtype": str(dtype).replace("torch.", "") if dtype else None}
-    return Row(name, label, train, infer, steps * cfg.batch_size, len(infer_idx), precision, cfg.crop or 256,
-               model, lambda p, g: loss_fn(p, g), dtype, cfg.channels_last, info)
+    return Row(name, label, train, infer, precision, cfg.crop or 256, model, lambda p, g: loss_fn(p, g), dtype,
+               cfg.channels_last, info)
 
 
 # ============================================================ peak memory (child process)
@@ -463,13 +461,13 @@ def open_benchmark_data(arg: str | None, tmp: Path, restore_limit: int) -> tuple
 
 def table(rows: list[Row], result: dict[str, Any]) -> str:
     base = rows[0]
-    head = (f"{'row':<46} {'train img/s':>11} {'x base':>7} {'infer img/s':>11} {'x base':>7} "
+    head = (f"{'row':<52} {'train img/s':>11} {'x base':>7} {'infer img/s':>11} {'x base':>7} "
             f"{'train GFLOP/img':>15} {'infer GFLOP/img':>15} {'train %peak':>11} {'infer %peak':>11}")
     lines = [head, "-" * len(head)]
     for r in rows:
         t, i = result["rows"][r.name], result["rows"][base.name]
         lines.append(
-            f"{r.label:<46} {t['train_img_s']:>11.2f} {t['train_img_s'] / i['train_img_s']:>7.2f} "
+            f"{r.label:<52} {t['train_img_s']:>11.2f} {t['train_img_s'] / i['train_img_s']:>7.2f} "
             f"{t['infer_img_s']:>11.2f} {t['infer_img_s'] / i['infer_img_s']:>7.2f} "
             f"{t['train_step_gflop_per_img']:>9.2f} @{r.train_size:<4} {t['infer_gflop_per_img']:>9.2f} @256 "
             f"{100 * t['train_fraction_of_peak']:>10.1f}% {100 * t['infer_fraction_of_peak']:>10.1f}%"
@@ -482,9 +480,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(SEED)
     reps = args.reps or (3 if args.quick else 5)
     steps = args.steps or (2 if args.quick else 5)
-    infer_images = args.infer_images or (32 if args.quick else 64)
+    # A whole number of the baseline's batches of 8.
+    infer_images = -(-(args.infer_images or (16 if args.quick else 64)) // BATCH_SIZE) * BATCH_SIZE
     matmul_reps = 3 if args.quick else 7
     load_before = os.getloadavg()
+    busy = load_before[0] > 0.5 * (os.cpu_count() or 1)
+    if busy:
+        log(f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} CPUs: other processes compete for "
+            "the cores; absolute numbers are not meaningful and ratios only roughly")
 
     with tempfile.TemporaryDirectory(prefix="tumorseg-speed-") as tmp_name:
         tmp = Path(tmp_name)
@@ -509,11 +512,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         default = preset("default")
         same_arch = replace_config(default, {"features": None, "n_features": 32, "depth": 4, "crop": 0})
         rows = [
-            baseline_row(h5_path, steps, infer_images),
+            baseline_row(h5_path),
             tumorseg_row("tumorseg_same_arch", "tumorseg same-arch (32x4 flat, {prec} {layout}, 256)",
-                         same_arch, arrays, steps, infer_images),
+                         same_arch, arrays),
             tumorseg_row("tumorseg", f"tumorseg default ({'-'.join(map(str, default.features or ()))}, "
-                         f"{{prec}} {{layout}}, crop {default.crop or 256})", default, arrays, steps, infer_images),
+                         f"{{prec}} {{layout}}, crop {default.crop or 256})", default, arrays),
         ]
 
         log("peak matmul ...")
@@ -524,19 +527,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         flops = {r.name: {"train": count_gflop_per_image(r, r.train_size, train=True),
                           "infer": count_gflop_per_image(r, 256, train=False)} for r in rows}
 
+        log("warm-up ...")
+        for r in rows:
+            r.train(1)
+            r.infer(INFER_BATCH_TUMORSEG)
         # Round-robin: repetition k of every row runs before repetition k+1 of any row.
-        for k in range(reps + 1):
-            log(f"repetition {k}/{reps}" + (" (warm-up)" if k == 0 else ""))
+        for k in range(reps):
+            log(f"repetition {k + 1}/{reps}")
             for r in rows:
-                t_train, t_infer = r.train(), r.infer()
-                if k > 0:
-                    r.train_s.append(t_train)
-                    r.infer_s.append(t_infer)
+                r.train_s.append(r.train(steps))
+                r.infer_s.append(r.infer(infer_images))
 
     result_rows: dict[str, Any] = {}
     for r in rows:
-        train_img_s = median_rate(r.train_images, r.train_s)
-        infer_img_s = median_rate(r.infer_images, r.infer_s)
+        train_img_s = median_rate(steps * BATCH_SIZE, r.train_s)
+        infer_img_s = median_rate(infer_images, r.infer_s)
         f = flops[r.name]
         result_rows[r.name] = {
             "label": r.label, "precision": r.precision, "channels_last": r.channels_last,
@@ -574,13 +579,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "quick": args.quick, "reps": reps, "train_steps_per_rep": steps, "infer_images_per_rep": infer_images,
             "batch_size": BATCH_SIZE, "seed": SEED, "data": data_desc, "patients": len(patients),
-            "slices": len(arrays), "statistic": "median over reps after one warm-up rep, rows round-robin",
+            "slices": len(arrays),
+            "statistic": "median over reps after a warm-up (1 step, 1 batch) per row; rows round-robin",
         },
         "machine": {
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
             "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "busy_at_start": busy,
         },
         "seconds": time.perf_counter() - started,
     }
@@ -613,7 +619,8 @@ def main(argv: list[str] | None = None) -> None:
                                                             "many are restored when no data is given")
     ap.add_argument("--reps", type=int, help="timed repetitions (default 5, --quick 3)")
     ap.add_argument("--steps", type=int, help="training steps per repetition (default 5, --quick 2)")
-    ap.add_argument("--infer-images", type=int, help="slices predicted per repetition (default 64, --quick 32)")
+    ap.add_argument("--infer-images", type=int, help="slices predicted per repetition, rounded up to a multiple of 8 "
+                                                        "(default 64, --quick 16)")
     ap.add_argument("--matmul-size", type=int, default=2048, help="side of the peak matmul (default 2048)")
     ap.add_argument("--memory-steps", type=int, default=10, help="training steps of the peak-memory run")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child process")

@@ -13,6 +13,13 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _missing(reason: str):
+    """Skip, or fail when TUMORSEG_REQUIRE_DATA=1 (CI must run the real-data tests)."""
+    if os.environ.get("TUMORSEG_REQUIRE_DATA") == "1":
+        pytest.fail(f"TUMORSEG_REQUIRE_DATA=1 but {reason}")
+    pytest.skip(reason)
 DEFAULT_SEED_CHECKPOINT = REPO_ROOT.parent / "shared" / "seed" / "unet.pt"
 
 
@@ -26,7 +33,7 @@ def real_data() -> Path:
     path = Path(value) if value else None
     if path is None or not path.is_dir():
         where = f" ({value} does not exist)" if value else ""
-        pytest.skip(
+        _missing(
             "real LGG data not found: set TUMORSEG_TEST_DATA to a restored kaggle_3m folder "
             f"(python ../shared/data/lgg/restore.py DIR){where}"
         )
@@ -51,7 +58,7 @@ def seed_checkpoint() -> Path:
     value = os.environ.get("TUMORSEG_SEED_CHECKPOINT", "")
     path = Path(value) if value else DEFAULT_SEED_CHECKPOINT
     if not path.is_file():
-        pytest.skip(
+        _missing(
             f"original checkpoint not found at {path}: set TUMORSEG_SEED_CHECKPOINT to the "
             "published unet.pt (../shared/seed/unet.pt beside the project)"
         )

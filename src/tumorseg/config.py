@@ -81,7 +81,7 @@ class TrainConfig:
     depth: int = 4
     features: tuple[int, ...] | None = (16, 32, 64, 128)  # None = n_features at every level
     # --- optimisation ---
-    epochs: int = 50
+    epochs: int = 40
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
