@@ -206,3 +206,25 @@ def test_original_checkpoint(seed_checkpoint):
     probs = torch.sigmoid(logits)
     assert probs.min() >= 0 and probs.max() <= 1
     assert not loaded.model.training  # inference did not switch modes
+
+
+def test_export_weights_strips_training_state_and_applies_overrides(tmp_path):
+    from tumorseg.checkpoint import export_weights, load_checkpoint, read_checkpoint, save_checkpoint
+    from tumorseg.errors import CheckpointError
+    from tumorseg.model import UNet
+
+    model = UNet(n_features=4, depth=3).eval()
+    opt = torch.optim.Adam(model.parameters())
+    save_checkpoint(tmp_path / "last.pt", model, optimizer=opt.state_dict(), scheduler={}, rng={"torch": 1},
+                    progress={"epoch": 3}, channels=["FLAIR", "pre-contrast", "post-contrast"], threshold=0.5,
+                    postprocess="none", metrics={"val_dice_mean": 0.5})
+    export_weights(tmp_path / "last.pt", tmp_path / "release.pt", postprocess="lcc")
+    raw = read_checkpoint(tmp_path / "release.pt")
+    assert not {"optimizer", "scheduler", "rng", "progress"} & set(raw)
+    assert raw["metrics"] == {"val_dice_mean": 0.5}
+    loaded = load_checkpoint(tmp_path / "release.pt")
+    assert loaded.postprocess == "lcc" and loaded.channels == ("FLAIR", "pre-contrast", "post-contrast")
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(loaded.model(x), model(x))
+    with pytest.raises(CheckpointError, match="cannot override"):
+        export_weights(tmp_path / "last.pt", tmp_path / "x.pt", lr=1)

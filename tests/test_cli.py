@@ -185,7 +185,7 @@ def test_ctrl_c_saves_and_resume_finishes(kaggle, tmp_path):
     env = {**os.environ, "TUMORSEG_CACHE": str(tmp_path / "cache")}
     run = tmp_path / "run"
     args = [sys.executable, "-m", "tumorseg", "train", "--data", str(kaggle.root), "--out", str(run), *TINY_TRAIN]
-    args[args.index("--epochs") + 1] = "3"
+    args[args.index("--epochs") + 1] = "6"
     args[args.index("--samples-per-epoch") + 1] = "200"
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -199,12 +199,12 @@ def test_ctrl_c_saves_and_resume_finishes(kaggle, tmp_path):
     from tumorseg.checkpoint import read_checkpoint
 
     saved = read_checkpoint(run / "last.pt")
-    assert (saved["epoch"], saved["progress"]["step"]) < (3, 0)
+    assert (saved["epoch"], saved["progress"]["step"]) < (6, 0)
     resumed = subprocess.run([sys.executable, "-m", "tumorseg", "train", "--resume", str(run), "--no-progress"],
                              env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert read_checkpoint(run / "last.pt")["epoch"] == 3
-    assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 3
+    assert read_checkpoint(run / "last.pt")["epoch"] == 6
+    assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 6
 
 
 def test_resume_rejects_config_options(tmp_path, capsys):

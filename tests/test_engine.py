@@ -124,6 +124,42 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(cache, tmp_path, stop_
     assert [r["val_dice_mean"] for r in rows_full] == [r["val_dice_mean"] for r in rows_part]
 
 
+def test_ctrl_c_inside_an_optimiser_step_stops_after_it_and_resumes_exactly(cache, tmp_path, monkeypatch):
+    """SIGINT arriving in the middle of optimizer.step() must not tear the saved state."""
+    import os
+    import signal
+
+    cfg = tiny_config()
+    fit(cfg, cache, tmp_path / "full", show_progress=False)
+    original_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def step_with_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled while the step is still running
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_with_signal)
+    part = fit(cfg, cache, tmp_path / "part", show_progress=False)
+    assert part.interrupted
+    assert read_checkpoint(tmp_path / "part" / "last.pt")["progress"]["step"] == 2
+    monkeypatch.setattr(torch.optim.Adam, "step", original_step)
+    fit(cfg, cache, tmp_path / "part", resume=True, show_progress=False)
+    a, b = _state(tmp_path / "full" / "last.pt"), _state(tmp_path / "part" / "last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_new_run_does_not_reuse_a_stale_split(cache, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "splits.json").write_text('{"seed": 9, "test": [], "folds": [["PAT_A_2001"], ["x"]]}')
+    fit(tiny_config(epochs=1), cache, run, show_progress=False)
+    split = json.loads((run / "splits.json").read_text())
+    assert split["seed"] == 0 and sorted(p for f in split["folds"] for p in f) == cache.patients
+
+
 def test_resume_without_checkpoint_is_an_error(cache, tmp_path):
     from tumorseg.errors import TumorsegError
 

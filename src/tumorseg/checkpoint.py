@@ -103,7 +103,12 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: no 'state_dict' entry; not a U-Net checkpoint")
     if obj.get("format") == FORMAT:
-        cfg = ModelConfig.from_dict(obj["model_config"])
+        if not isinstance(obj.get("model_config"), dict):
+            raise CheckpointError(f"{path}: tumorseg checkpoint without 'model_config'; it is damaged")
+        try:
+            cfg = ModelConfig.from_dict(obj["model_config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable model_config ({e})") from e
         kind = "tumorseg"
         channels = tuple(obj.get("channels", CHANNELS))
         percentiles = tuple(obj.get("normalization", {}).get("percentiles", NORM_PERCENTILES))
@@ -131,3 +136,31 @@ def load_model(path: str | Path) -> UNet:
     """Load a tumorseg checkpoint or the original published `unet.pt`; returns the `UNet`
     in eval mode (its forward returns logits)."""
     return load_checkpoint(path).model
+
+
+# Entries that only matter for resuming a run; a released model leaves them out.
+TRAINING_STATE = ("optimizer", "scheduler", "rng", "progress", "data_path")
+
+
+def export_weights(src: str | Path, dst: str | Path, **overrides: Any) -> None:
+    """Write a release copy of a tumorseg checkpoint: the same self-describing entries
+    without the optimiser/scheduler/RNG state (a third of the size), with `overrides`
+    (e.g. postprocess="lcc") applied to the inference settings.
+
+    Raises:
+        CheckpointError: `src` is not a tumorseg checkpoint, or an unknown override.
+    """
+    obj = read_checkpoint(src)
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(f"{src} is not a tumorseg checkpoint; only those can be exported")
+    allowed = {"threshold", "postprocess", "notes"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise CheckpointError(f"cannot override {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    if "postprocess" in overrides and overrides["postprocess"] not in ("none", "lcc"):
+        raise CheckpointError(f"postprocess must be none or lcc, got {overrides['postprocess']!r}")
+    if "threshold" in overrides and not 0.0 < float(overrides["threshold"]) < 1.0:
+        raise CheckpointError(f"threshold must be between 0 and 1, got {overrides['threshold']!r}")
+    out = {k: v for k, v in obj.items() if k not in TRAINING_STATE}
+    out.update(overrides)
+    atomic_torch_save(out, dst)

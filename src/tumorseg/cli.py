@@ -141,12 +141,16 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
-    cfg = preset(a.preset or "default")
+    """Preset, then config file, then options; merged first and checked once, so that
+    layers may change related fields together (e.g. depth in the file, features here)."""
+    name = a.preset or "default"
+    preset(name)  # rejects an unknown preset by name
+    merged = dict(PRESETS[name])
     if a.config:
-        cfg = replace_config(cfg, load_config_file(a.config))
-    overrides = {f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)
-                 if getattr(a, f"cfg_{f.name}") is not None}
-    return replace_config(cfg, overrides)
+        merged.update(load_config_file(a.config))
+    merged.update({f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)
+                   if getattr(a, f"cfg_{f.name}") is not None})
+    return replace_config(TrainConfig(), merged)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -155,7 +159,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from tumorseg.data.cache import open_data
     from tumorseg.engine import fit
 
-    if a.threads:
+    if a.threads is not None:
+        if a.threads < 1:
+            raise TumorsegError(f"--threads must be >= 1, got {a.threads}")
         torch.set_num_threads(a.threads)
     if a.resume:
         changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
@@ -188,7 +194,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     print(f"training fold {cfg.fold} of {cfg.folds} into {run_dir} "
           f"({'resuming' if a.resume else 'new run'})", file=sys.stderr)
     result = fit(cfg, cache, run_dir, resume=bool(a.resume), device=a.device,
-                 split_file=a.split, show_progress=not a.no_progress, data_path=str(data))
+                 split_file=a.split, show_progress=not a.no_progress, data_path=str(Path(data).resolve()))
     if result.interrupted:
         print(f"interrupted: saved {run_dir / 'last.pt'}; continue with "
               f"`tumorseg train --resume {run_dir}`", file=sys.stderr)
@@ -198,11 +204,17 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_threshold(a: argparse.Namespace) -> None:
+    if a.threshold is not None and not 0.0 < a.threshold < 1.0:
+        raise TumorsegError(f"--threshold must be between 0 and 1, got {a.threshold}")
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from tumorseg.data.cache import open_data
     from tumorseg.data.splits import load_split
     from tumorseg.evaluation import evaluate
 
+    _check_threshold(a)
     cache = open_data(a.data, progress=not a.no_progress)
     patients = None
     if a.split:
@@ -226,6 +238,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from tumorseg.prediction import predict
 
+    _check_threshold(a)
     if a.batch_size < 1:
         raise TumorsegError(f"--batch-size must be >= 1, got {a.batch_size}")
     summaries = predict(a.inputs, a.out, checkpoint=a.checkpoint, threshold=a.threshold,

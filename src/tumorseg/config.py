@@ -195,6 +195,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
+        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.lr_step >= 1, f"lr_step must be >= 1, got {cfg.lr_step}"),
+        (cfg.lr_gamma > 0, f"lr_gamma must be > 0, got {cfg.lr_gamma}"),
+        (cfg.samples_per_epoch >= 0, f"samples_per_epoch must be >= 0, got {cfg.samples_per_epoch}"),
         (cfg.schedule in ("step", "cosine"), f"schedule must be step or cosine, got {cfg.schedule!r}"),
         (cfg.loss in ("dice", "dice_per_image", "bce_dice"),
          f"loss must be dice, dice_per_image or bce_dice, got {cfg.loss!r}"),
@@ -222,7 +226,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TumorsegError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TumorsegError(f"{path}: cannot read as UTF-8 text ({e})") from e
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
@@ -236,7 +243,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 raise TumorsegError(
                     f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use JSON/TOML"
                 ) from e
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise TumorsegError(f"{path}: cannot parse ({e})") from e
         else:
             raise TumorsegError(f"{path}: unknown config format {suffix!r}; use .json, .toml or .yaml")
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:

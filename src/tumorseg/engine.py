@@ -44,7 +44,8 @@ METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice_mean", "val_dice_m
 
 def _generator(*keys: int) -> torch.Generator:
     g = torch.Generator()
-    # A fixed mixing of the keys; Python's hash() of ints is stable across runs.
+    # A fixed mixing of the keys: hash() of a tuple of ints does not depend on
+    # PYTHONHASHSEED and is the same on every run of one CPython version.
     g.manual_seed(hash(tuple(keys)) & 0x7FFF_FFFF_FFFF_FFFF)
     return g
 
@@ -150,7 +151,8 @@ def validate(
     dtype: torch.dtype | None, *, threshold: float = 0.5, postprocess: str = "none",
     batch_size: int = 16, channels_last: bool = True,
 ) -> dict[str, Any]:
-    """Validation loss (mean over slices) and per-patient Dice (one Dice per patient over
+    """Validation loss (the loss of each patient's chunks of `batch_size` slices, weighted by
+    chunk size, averaged over slices) and per-patient Dice (one Dice per patient over
     all its slices, after thresholding and optional post-processing)."""
     model.eval()
     loss_sum, n = 0.0, 0
@@ -194,21 +196,43 @@ def write_metrics_csv(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-@contextmanager
-def _sigterm_as_interrupt():
-    """`kill` (SIGTERM) stops training like Ctrl-C: the checkpoint is saved first."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+class StopTraining(Exception):
+    """Raised at a step boundary after a stop was requested (Ctrl-C, kill, or a step limit)."""
 
+
+class _StopRequest:
+    """Ctrl-C and SIGTERM only set a flag; training stops at the next step boundary, where
+    weights, optimiser and progress are consistent, so the saved state resumes exactly.
+    A second Ctrl-C stops at once (and saves nothing)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("stopping after this step and saving (Ctrl-C again to stop at once, without saving)")
+
+    def check(self) -> None:
+        if self.requested:
+            raise StopTraining
+
+
+@contextmanager
+def _graceful_stop():
+    request = _StopRequest()
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        pass
     try:
-        yield
+        yield request
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -221,14 +245,15 @@ class FitResult:
     interrupted: bool = False
 
 
-def prepare_split(cfg: TrainConfig, cache: Cache, run_dir: Path, split_file: Path | None) -> Split:
-    """The split of this run: `split_file` if given, the run's own splits.json when
-    resuming, or a new seeded split; always written to RUN_DIR/splits.json."""
+def prepare_split(cfg: TrainConfig, cache: Cache, run_dir: Path, split_file: str | Path | None,
+                  resume: bool = False) -> Split:
+    """The split of this run: the run's own splits.json when resuming, `split_file` if
+    given, or a new seeded split; always written to RUN_DIR/splits.json."""
     own = run_dir / "splits.json"
-    if split_file is not None:
-        split = load_split(split_file)
-    elif own.is_file():
+    if resume and own.is_file():
         split = load_split(own)
+    elif split_file is not None:
+        split = load_split(split_file)
     else:
         split = make_split(cache.patients, cfg.folds, cfg.test_fraction, cfg.split_seed)
     missing = sorted({p for f in split.folds for p in f} - set(cache.patients))
@@ -258,7 +283,8 @@ def fit(
     Writes config.json, splits.json, metrics.csv, training_curves.png, last.pt (every
     epoch, and on interruption with the position inside the epoch) and best.pt (best
     validation per-patient Dice mean). With `resume`, continues from run_dir/last.pt.
-    `stop_after_steps` interrupts after that many optimiser steps (as Ctrl-C would).
+    Ctrl-C or SIGTERM stops at the next step boundary and saves last.pt, as does
+    `stop_after_steps` after that many optimiser steps.
 
     Raises:
         TumorsegError: bad config/split/data, or a diverging loss.
@@ -275,7 +301,7 @@ def fit(
         cfg = TrainConfig.from_dict(state["config"])
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
-    split = prepare_split(cfg, cache, run_dir, split_file)
+    split = prepare_split(cfg, cache, run_dir, split_file, resume)
     train_patients, val_patients = split.train(cfg.fold), split.val(cfg.fold)
 
     dev = select_device(device)
@@ -318,14 +344,17 @@ def fit(
 
     steps_done = 0
 
-    def on_step(p: EpochProgress) -> None:
-        nonlocal steps_done
-        steps_done += 1
-        if stop_after_steps is not None and steps_done >= stop_after_steps:
-            raise KeyboardInterrupt
-
     interrupted = False
-    with _sigterm_as_interrupt():
+    last_metrics: dict[str, Any] = dict(state["metrics"]) if state is not None else {}
+    with _graceful_stop() as stop:
+
+        def on_step(p: EpochProgress) -> None:
+            nonlocal steps_done
+            steps_done += 1
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                stop.requested = True
+            stop.check()
+
         try:
             while progress.epoch < cfg.epochs:
                 train_loss = train_one_epoch(model, train, cfg, optimizer, loss_fn, dev, dtype, progress,
@@ -344,10 +373,10 @@ def fit(
                 improved = v["val_dice_mean"] > best["dice"]
                 if improved:
                     best = {"epoch": row["epoch"], "dice": v["val_dice_mean"]}
-                metrics = {**row, "val_per_patient": v["per_patient"]}
-                checkpoint(last_path, metrics)
-                if improved:
-                    checkpoint(run_dir / "best.pt", metrics)
+                last_metrics = {**row, "val_per_patient": v["per_patient"]}
+                if improved:  # best.pt first: last.pt never names a best epoch not yet saved
+                    checkpoint(run_dir / "best.pt", last_metrics)
+                checkpoint(last_path, last_metrics)
                 write_metrics_csv(history, run_dir / "metrics.csv")
                 plot_training_curves(history, run_dir / "training_curves.png")
                 if show_progress:
@@ -359,7 +388,10 @@ def fit(
                     )
                 if on_epoch is not None:
                     on_epoch(row)
-        except KeyboardInterrupt:
+                stop.check()
+        except StopTraining:
             interrupted = True
-            checkpoint(last_path)
+            checkpoint(last_path, last_metrics)
+        except KeyboardInterrupt:  # second Ctrl-C: the state may be torn, keep the last save
+            interrupted = True
     return FitResult(run_dir, progress.epoch, int(best["epoch"]), float(best["dice"]), history, interrupted)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tumorseg.config import NORM_PERCENTILES
 from tumorseg.data.cache import Cache
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import (
@@ -105,12 +106,14 @@ def evaluate(
         rec = cache.records[patient]
         images = np.asarray(cache.images(patient))
         truth = np.asarray(cache.masks(patient)) > 0
-        probs = predict_volume(loaded, images, low=rec.low, high=rec.high, device=dev, dtype=dtype, tta=tta)
+        # The cache holds the statistics of NORM_PERCENTILES; other percentiles are recomputed.
+        stats = (rec.low, rec.high) if tuple(loaded.percentiles) == NORM_PERCENTILES else (None, None)
+        probs = predict_volume(loaded, images, low=stats[0], high=stats[1], device=dev, dtype=dtype, tta=tta)
         pred = binarize(probs, threshold, postprocess)
         s = patient_scores(patient, pred, truth)
         scores.append(s)
         if spacing is not None:  # kaggle_3m TIFFs carry no spacing: the user supplies it
-            hd95_mm[patient] = hd95(pred, truth, spacing)
+            hd95_mm[patient] = hd95(pred, truth, spacing) if not math.isnan(s.hd95) else math.nan
         d, fp, empty = slice_scores(pred, truth)
         tumour_dices += d
         fp_slices += fp

@@ -11,14 +11,29 @@ import torch
 from torch import nn
 
 from tumorseg.checkpoint import LoadedModel, load_checkpoint
-from tumorseg.errors import CheckpointError
+from tumorseg.errors import CheckpointError, TumorsegError
 from tumorseg.metrics import largest_component
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """"auto" picks CUDA, then Apple MPS, then the CPU."""
+    """"auto" picks CUDA, then Apple MPS, then the CPU.
+
+    Raises:
+        TumorsegError: an unknown device name or one this machine does not have.
+    """
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise TumorsegError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TumorsegError("device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and not (mps is not None and mps.is_available()):
+            raise TumorsegError("device mps asked for, but it is not available here; use --device cpu")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise TumorsegError(f"unsupported device {name!r}; use cpu, cuda, mps or auto")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from tumorseg.data.kaggle import _SLICE_RE, IMAGE_SUFFIXES, is_patient_dir, read_image
+from tumorseg.data.kaggle import _SLICE_RE, IMAGE_SUFFIXES, find_patient_dirs, read_image
 from tumorseg.errors import DataError
 from tumorseg.inference import (
     binarize,
@@ -75,14 +75,17 @@ def collect_volumes(inputs: list[str | Path]) -> list[Volume]:
             continue
         files = _slice_files(path)
         if files:
-            volumes.append(Volume(path.name, files))
+            volumes.append(Volume(path.resolve().name, files))
             continue
-        patients = sorted(p for p in path.iterdir() if is_patient_dir(p))
-        if not patients and (path / "kaggle_3m").is_dir():
-            patients = sorted(p for p in (path / "kaggle_3m").iterdir() if is_patient_dir(p))
-        if not patients:
-            raise DataError(f"{path} holds no .tif/.png slices and no patient folders")
-        volumes += [Volume(p.name, _slice_files(p)) for p in patients]
+        try:
+            patients = find_patient_dirs(path)
+        except DataError:
+            raise DataError(f"{path} holds no .tif/.png slices and no patient folders") from None
+        for p in patients:
+            files = _slice_files(p)
+            if not files:
+                raise DataError(f"{p} holds only masks, no image slices to predict on")
+            volumes.append(Volume(p.name, files))
     names = [v.name for v in volumes]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

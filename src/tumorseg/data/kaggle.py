@@ -160,9 +160,7 @@ def read_patient(
         DataError: see `list_slices`, `read_image`, `read_mask`; slices of different sizes.
     """
     files = list_slices(patient_dir, require_masks=require_masks)
-    has_masks = all(f.mask is not None for f in files)
-    if not require_masks and not has_masks and any(f.mask is not None for f in files):
-        has_masks = False  # some masks missing: treat as unlabelled
+    has_masks = all(f.mask is not None for f in files)  # some missing: treated as unlabelled
     images, masks = [], []
     for f in files:
         img = read_image(f.image)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tumorseg.errors import TumorsegError
+from tumorseg.fileio import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,7 @@ def make_split(patients: list[str], folds: int = 5, test_fraction: float = 0.0, 
 
 
 def save_split(split: Split, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(split.to_dict(), indent=1) + "\n")
+    atomic_write_text(path, json.dumps(split.to_dict(), indent=1) + "\n")
 
 
 def load_split(path: str | Path) -> Split:
