@@ -50,3 +50,19 @@ def test_original_checkpoint_per_patient_dice(real_cache, seed_checkpoint, patie
     assert scores.slices == 20
     assert scores.true_voxels == true_voxels
     assert scores.dice == pytest.approx(dice, abs=2e-3)
+
+
+def test_evaluate_original_checkpoint_on_all_88_patients(real_cache, seed_checkpoint, tmp_path):
+    """The acceptance number of the original checkpoint, through `tumorseg evaluate`'s
+    code path with its defaults (threshold 0.5, no post-processing, automatic precision)."""
+    from tumorseg.evaluation import evaluate
+
+    report = evaluate(real_cache, tmp_path, checkpoint=seed_checkpoint, show_progress=False, plots=False)
+    s = report["summary"]
+    assert report["checkpoint_kind"] == "original" and s["patients"] == 88
+    assert s["dice_mean"] == pytest.approx(0.890, abs=0.003)
+    assert s["dice_median"] == pytest.approx(0.917, abs=0.003)
+    by_patient = {p["patient"]: p for p in report["patients"]}
+    for patient, (dice, true_voxels) in PINNED.items():
+        assert by_patient[patient]["true_voxels"] == true_voxels
+        assert by_patient[patient]["dice"] == pytest.approx(dice, abs=2e-3)

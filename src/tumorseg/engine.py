@@ -14,6 +14,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -368,7 +369,11 @@ def fit(
                     "train_img_s": progress.images / max(progress.seconds, 1e-9),
                 }
                 history.append(row)
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # After a resume at the very end of an epoch this process made no
+                    # optimiser step yet; the restored schedule is still right.
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    scheduler.step()
                 progress = EpochProgress(epoch=progress.epoch + 1)
                 improved = v["val_dice_mean"] > best["dice"]
                 if improved:
