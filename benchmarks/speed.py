@@ -63,7 +63,13 @@ from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.splits import make_split
 from tumorseg.engine import EpochProgress, train_one_epoch
 from tumorseg.errors import TumorsegError
-from tumorseg.inference import autocast, cpu_has_native_bf16, predict_probabilities, resolve_precision
+from tumorseg.inference import (
+    autocast,
+    cpu_has_native_bf16,
+    fuse_batchnorm,
+    predict_probabilities,
+    resolve_precision,
+)
 from tumorseg.losses import make_loss
 from tumorseg.model import UNet
 
@@ -356,9 +362,11 @@ def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays) -
         return time.perf_counter() - t0
 
     def infer(n: int) -> float:
+        # As `tumorseg predict`/`evaluate` load a model: BatchNorm folded into the convolutions.
+        fused = fuse_batchnorm(model.eval()).to(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         images, _ = arrays.batch(order[:n])
-        predict_probabilities(model, images, batch_size=INFER_BATCH_TUMORSEG, device=device, dtype=dtype,
+        predict_probabilities(fused, images, batch_size=INFER_BATCH_TUMORSEG, device=device, dtype=dtype,
                               channels_last=cfg.channels_last)
         return time.perf_counter() - t0
 

@@ -266,3 +266,22 @@ def test_state_dict_keys_match_original_checkpoint(seed_checkpoint):
     assert list(ours) == list(original)
     assert {k: tuple(v.shape) for k, v in ours.items()} == {
         k: tuple(v.shape) for k, v in original.items()}
+
+
+def test_fuse_batchnorm_matches_the_unfused_model():
+    from tumorseg.inference import fuse_batchnorm
+
+    torch.manual_seed(0)
+    model = UNet(n_features=6, depth=3, features=(4, 6, 8)).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, or fusion is a no-op
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    fused = fuse_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original untouched
+    x = torch.randn(2, 3, 20, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
