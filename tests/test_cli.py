@@ -157,6 +157,19 @@ def test_bad_input_is_one_line_exit_2(args, message, kaggle, tmp_path, capsys, m
     assert "Traceback" not in err
 
 
+def test_predict_uses_the_shipped_model_by_default(kaggle, tmp_path, capsys):
+    from tumorseg.checkpoint import load_checkpoint
+    from tumorseg.inference import default_checkpoint_path
+
+    shipped = load_checkpoint(default_checkpoint_path())
+    assert shipped.kind == "tumorseg" and shipped.postprocess == "lcc"
+    assert default_checkpoint_path().stat().st_size < 5_000_000
+    code, out, err = run_cli(["predict", kaggle.root / "PAT_B_2002", "--out", tmp_path / "p", "--no-progress"],
+                             capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "p" / "PAT_B_2002").glob("*_pred.png"))) == 5
+
+
 def test_default_checkpoint_missing_is_a_clear_error(kaggle, tmp_path, capsys, monkeypatch):
     import tumorseg.inference as inference
 

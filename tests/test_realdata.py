@@ -66,3 +66,26 @@ def test_evaluate_original_checkpoint_on_all_88_patients(real_cache, seed_checkp
     for patient, (dice, true_voxels) in PINNED.items():
         assert by_patient[patient]["true_voxels"] == true_voxels
         assert by_patient[patient]["dice"] == pytest.approx(dice, abs=2e-3)
+
+
+# The 18 patients of fold 0 of make_split(88 patients, folds=5, seed=0): held out from
+# the training of the shipped model.
+FOLD0 = [
+    "TCGA_CS_5393_19990606", "TCGA_CS_6186_20000601", "TCGA_CS_6666_20011109", "TCGA_CS_6668_20011025",
+    "TCGA_DU_5851_19950428", "TCGA_DU_5853_19950823", "TCGA_DU_5871_19941206", "TCGA_DU_6404_19850629",
+    "TCGA_DU_6405_19851005", "TCGA_DU_6408_19860521", "TCGA_DU_7294_19890104", "TCGA_DU_7298_19910324",
+    "TCGA_DU_7301_19911112", "TCGA_DU_8163_19961119", "TCGA_DU_A5TU_19980312", "TCGA_HT_7616_19940813",
+    "TCGA_HT_7684_19950816", "TCGA_HT_A61B_19991127",
+]
+
+
+def test_shipped_model_on_its_held_out_patients(real_cache, tmp_path):
+    """The numbers quoted in README/MODEL.md for the shipped model (default settings)."""
+    from tumorseg.data import make_split
+    from tumorseg.evaluation import evaluate
+
+    assert make_split(real_cache.patients, folds=5, seed=0).val(0) == FOLD0
+    report = evaluate(real_cache, tmp_path, patients=FOLD0, show_progress=False, plots=False)
+    assert report["postprocess"] == "lcc" and report["threshold"] == 0.5
+    assert report["summary"]["dice_mean"] == pytest.approx(0.7786, abs=0.003)
+    assert report["summary"]["dice_median"] == pytest.approx(0.9154, abs=0.003)

@@ -372,7 +372,7 @@ def fit(
                 with warnings.catch_warnings():
                     # After a resume at the very end of an epoch this process made no
                     # optimiser step yet; the restored schedule is still right.
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                     scheduler.step()
                 progress = EpochProgress(epoch=progress.epoch + 1)
                 improved = v["val_dice_mean"] > best["dice"]
