@@ -145,10 +145,11 @@ def test_load_split_missing_file(tmp_path):
 @pytest.mark.realdata
 def test_real_patients_five_folds_disjoint(real_data):
     patients = [d.name for d in find_patient_dirs(real_data)]
-    assert len(patients) == 88
+    n = len(patients)
+    assert n >= 20
     split = make_split(patients, folds=5, seed=0)
     check_partition(split, patients)
-    assert sorted(len(f) for f in split.folds) == [17, 17, 18, 18, 18]
+    assert sorted(len(f) for f in split.folds) == sorted([n // 5 + (i < n % 5) for i in range(5)])
     held_out = make_split(patients, folds=5, test_fraction=0.2, seed=0)
     check_partition(held_out, patients)
-    assert len(held_out.test) == 18  # round(17.6)
+    assert len(held_out.test) == round(0.2 * n)  # 18 of the 88-patient development subset
