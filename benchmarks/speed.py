@@ -61,7 +61,7 @@ from tumorseg.config import TrainConfig, preset, replace_config
 from tumorseg.data.cache import Cache, default_cache_dir, is_cache_dir, open_cache, prepare
 from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.splits import make_split
-from tumorseg.engine import EpochProgress, train_one_epoch
+from tumorseg.engine import EpochProgress, build_training, train_one_epoch
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import (
     autocast,
@@ -133,6 +133,15 @@ class OriginalUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.layers(x))
+
+
+def baseline_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One training step of the original pipeline (which logs the loss every step)."""
+    loss = original_dice_loss(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def original_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -319,12 +328,7 @@ def baseline_row(h5_path: Path) -> Row:
         model.train()
         t0 = time.perf_counter()
         for _ in range(steps):
-            x, y = next(train_batches)
-            loss = original_dice_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            float(loss.detach())  # the original logs the loss every step
+            baseline_step(model, optimizer, *next(train_batches))
         return time.perf_counter() - t0
 
     @torch.no_grad()
@@ -344,12 +348,7 @@ def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays) -
     """A row timed through the package's own training and prediction functions."""
     device = torch.device("cpu")
     dtype = resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    model = UNet.from_config(cfg.model_config()).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = make_loss(cfg.loss)
+    model, optimizer, _, loss_fn = build_training(cfg, device)
     epochs = itertools.count()
     order = torch.randperm(len(arrays), generator=torch.Generator().manual_seed(SEED))
 
@@ -414,11 +413,7 @@ def memory_child(kind: str, data: Path, steps: int, h5_path: Path | None) -> dic
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         batches = cycle(baseline_loader(h5_path, shuffle=True))
         for _ in range(steps):
-            x, y = next(batches)
-            loss = original_dice_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            baseline_step(model, optimizer, *next(batches))
     peak = peak_rss()
     result["peak_rss_gib"] = peak["ru_maxrss_gib"]
     result["peak_vmhwm_gib"] = peak["vmhwm_gib"]

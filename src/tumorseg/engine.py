@@ -189,6 +189,17 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
 
 
+def build_training(cfg: TrainConfig, device: torch.device):
+    """The seeded model (in the configured memory layout), Adam, its schedule and the loss
+    of a run, as `fit` uses them; returns (model, optimizer, scheduler, loss_fn)."""
+    torch.manual_seed(cfg.seed)
+    model = UNet.from_config(cfg.model_config()).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return model, optimizer, make_scheduler(cfg, optimizer), make_loss(cfg.loss)
+
+
 def write_metrics_csv(rows: list[dict[str, Any]], path: Path) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
@@ -307,13 +318,7 @@ def fit(
 
     dev = select_device(device)
     dtype = resolve_precision(cfg.precision, dev)
-    torch.manual_seed(cfg.seed)
-    model = UNet.from_config(cfg.model_config()).to(dev)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(cfg, optimizer)
-    loss_fn = make_loss(cfg.loss)
+    model, optimizer, scheduler, loss_fn = build_training(cfg, dev)
     history: list[dict[str, Any]] = []
     progress = EpochProgress()
     best = {"epoch": 0, "dice": -math.inf}
