@@ -55,6 +55,28 @@ def augment_batch(
     return images.contiguous(), masks.contiguous()
 
 
+def replace_sequences(images: torch.Tensor, source: int, targets: list[int], p: float,
+                      g: torch.Generator) -> torch.Tensor:
+    """Simulate missing sequences the way kaggle_3m fills them: copy channel `source`
+    (FLAIR) into some of the `targets` channels.
+
+    Each image, with probability `p`, gets a non-empty subset of `targets` (uniform over
+    the subsets) replaced by its `source` channel. Works in place and returns `images`.
+    Draws nothing from `g` when `p` is 0 or `targets` is empty.
+    """
+    if p <= 0 or not targets:
+        return images
+    b = images.shape[0]
+    hit = torch.rand(b, generator=g) < p
+    n_subsets = 2 ** len(targets) - 1
+    subset = torch.randint(1, n_subsets + 1, (b,), generator=g)
+    for i in torch.nonzero(hit).flatten().tolist():
+        for bit, c in enumerate(targets):
+            if int(subset[i]) >> bit & 1:
+                images[i, c] = images[i, source]
+    return images
+
+
 def crop_batch(
     images: torch.Tensor, masks: torch.Tensor, size: int, g: torch.Generator,
     tumour_centred: float = 0.5,

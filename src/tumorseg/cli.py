@@ -31,6 +31,8 @@ FIELD_HELP = {
     "lr_gamma": "factor of the step decay",
     "loss": "dice (batch-pooled, the original), dice_per_image or bce_dice",
     "augment": "flips, rotation, scaling, intensity jitter: true/false",
+    "sequence_dropout": "share of training slices whose non-FLAIR sequences are replaced by FLAIR, "
+                        "as kaggle_3m does for missing sequences (with --augment)",
     "tumour_fraction": "share of slices drawn from tumour slices; negative = every slice once per epoch",
     "samples_per_epoch": "slices per epoch; 0 = number of training slices",
     "crop": "train on crop x crop patches; 0 = whole slices",

@@ -91,6 +91,7 @@ class TrainConfig:
     loss: str = "bce_dice"  # "dice" (batch-pooled, the original), "dice_per_image", "bce_dice"
     # --- sampling and augmentation ---
     augment: bool = True  # flips, small rotation/scale, intensity jitter (image+mask together)
+    sequence_dropout: float = 0.2  # share of slices whose other sequences are replaced by FLAIR
     tumour_fraction: float = 0.5  # share of slices drawn from tumour slices; <0 = plain epoch
     samples_per_epoch: int = 4000  # slices seen per epoch; 0 = number of training slices
     crop: int = 128  # train on random crop x crop patches (tumour-centred half the time); 0 = whole slices
@@ -127,7 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(
         channels=CHANNELS, n_features=32, depth=4, features=None, epochs=150, batch_size=8,
         lr=1e-4, weight_decay=0.0, schedule="step", lr_step=30, lr_gamma=0.1, loss="dice",
-        augment=False, tumour_fraction=-1.0, samples_per_epoch=0, crop=0, precision="fp32",
+        augment=False, sequence_dropout=0.0, tumour_fraction=-1.0, samples_per_epoch=0, crop=0, precision="fp32",
         channels_last=False, postprocess="none",
     ),
     "default": {},
@@ -204,6 +205,7 @@ def validate(cfg: TrainConfig) -> None:
          f"loss must be dice, dice_per_image or bce_dice, got {cfg.loss!r}"),
         (cfg.crop == 0 or cfg.crop >= 2 ** (cfg.depth - 1),
          f"crop must be 0 or >= {2 ** (cfg.depth - 1)}, got {cfg.crop}"),
+        (0.0 <= cfg.sequence_dropout <= 1.0, f"sequence_dropout must be in [0, 1], got {cfg.sequence_dropout}"),
         (cfg.tumour_fraction < 1.0, f"tumour_fraction must be < 1, got {cfg.tumour_fraction}"),
         (cfg.precision in ("auto", "bf16", "fp32"),
          f"precision must be auto, bf16 or fp32, got {cfg.precision!r}"),

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tumorseg.augment import augment_batch, crop_batch
+from tumorseg.augment import augment_batch, crop_batch, replace_sequences
 from tumorseg.checkpoint import read_checkpoint, save_checkpoint
 from tumorseg.config import NORM_PERCENTILES, TrainConfig
 from tumorseg.data.cache import Cache
@@ -99,6 +99,11 @@ def make_training_batch(arrays: SliceArrays, idx: torch.Tensor, cfg: TrainConfig
     if cfg.crop:
         x, y = crop_batch(x, y, cfg.crop, g)
     if cfg.augment:
+        names = [c.lower() for c in cfg.channels]
+        if "flair" in names:
+            flair = names.index("flair")
+            others = [c for c in range(len(names)) if c != flair]
+            x = replace_sequences(x, flair, others, cfg.sequence_dropout, g)
         x, y = augment_batch(x, y, g)
     return x, y
 
