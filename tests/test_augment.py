@@ -35,7 +35,7 @@ def test_flip_mirrors_image_and_mask_together():
                          scale_range=(1.0, 1.0), intensity=0.0)
     flipped = [bool(torch.allclose(x[i], images[i].flip(-1), atol=1e-6)) for i in range(64)]
     kept = [bool(torch.allclose(x[i], images[i], atol=1e-6)) for i in range(64)]
-    assert all(f != k for f, k in zip(flipped, kept))  # each image is either mirrored or kept
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each image is either mirrored or kept
     assert 10 < sum(flipped) < 54
     for i in range(64):
         assert torch.equal(y[i], masks[i].flip(-1) if flipped[i] else masks[i])
