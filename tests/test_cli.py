@@ -163,7 +163,7 @@ def test_predict_uses_the_shipped_model_by_default(kaggle, tmp_path, capsys):
 
     shipped = load_checkpoint(default_checkpoint_path())
     assert shipped.kind == "tumorseg" and shipped.postprocess == "lcc"
-    assert default_checkpoint_path().stat().st_size < 5_000_000
+    assert default_checkpoint_path().stat().st_size < 6_000_000  # a few MB inside the wheel
     code, out, err = run_cli(["predict", kaggle.root / "PAT_B_2002", "--out", tmp_path / "p", "--no-progress"],
                              capsys)
     assert code == 0, err

@@ -78,10 +78,10 @@ class TrainConfig:
     split_seed: int = 0  # seed of the patient shuffle that makes the split
     # --- model ---
     n_features: int = 32
-    depth: int = 4
-    features: tuple[int, ...] | None = (16, 32, 64, 128)  # None = n_features at every level
+    depth: int = 5
+    features: tuple[int, ...] | None = (16, 32, 64, 128, 128)  # None = n_features at every level
     # --- optimisation ---
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -92,15 +92,15 @@ class TrainConfig:
     # --- sampling and augmentation ---
     augment: bool = True  # flips, small rotation/scale, intensity jitter (image+mask together)
     sequence_dropout: float = 0.2  # share of slices whose other sequences are replaced by FLAIR
-    tumour_fraction: float = 0.5  # share of slices drawn from tumour slices; <0 = plain epoch
+    tumour_fraction: float = 0.4  # share of slices drawn from tumour slices; <0 = plain epoch
     samples_per_epoch: int = 4000  # slices seen per epoch; 0 = number of training slices
-    crop: int = 128  # train on random crop x crop patches (tumour-centred half the time); 0 = whole slices
+    crop: int = 160  # train on random crop x crop patches (tumour-centred half the time); 0 = whole slices
     # --- run ---
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 where the CPU/GPU has it), "bf16", "fp32"
     channels_last: bool = True
     threshold: float = 0.5  # probability threshold for validation Dice
-    postprocess: str = "none"  # "none" or "lcc" (largest 3-D connected component)
+    postprocess: str = "lcc"  # "none" or "lcc" (largest 3-D connected component)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
