@@ -91,8 +91,8 @@ FOLD0 = [
 
 def test_shipped_model_on_its_held_out_patients(dev_set, tmp_path):
     """The numbers quoted in README/MODEL.md for the shipped model (default settings)."""
-    from tumorseg.data import make_split
     from tumorseg.checkpoint import read_checkpoint
+    from tumorseg.data import make_split
     from tumorseg.evaluation import evaluate
     from tumorseg.inference import default_checkpoint_path
 
