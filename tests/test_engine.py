@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -172,3 +173,14 @@ def test_training_reduces_loss(cache, tmp_path):
     result = fit(cfg, cache, tmp_path / "run", show_progress=False)
     losses = [r["train_loss"] for r in result.history]
     assert losses[-1] < losses[0]
+
+
+def test_fold_minus_one_trains_on_every_patient_without_validation(cache, tmp_path):
+    run = tmp_path / "all"
+    cfg = dataclasses.replace(tiny_config(), fold=-1)
+    result = fit(cfg, cache, run, show_progress=False)
+    assert result.epochs_done == 2 and not (run / "best.pt").exists()
+    ck = read_checkpoint(run / "last.pt")
+    assert ck["split"]["train"] == sorted(cache.patients) and ck["split"]["val"] == []
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["val_dice_mean"] for r in rows] == ["nan", "nan"]

@@ -16,7 +16,7 @@ from tumorseg.errors import TumorsegError
 FIELD_HELP = {
     "channels": "input sequences by name, comma-separated (pre-contrast,FLAIR,post-contrast)",
     "folds": "number of patient-level folds",
-    "fold": "validation fold of this run (0-based)",
+    "fold": "validation fold of this run (0-based); -1 trains on every non-test patient without validation",
     "test_fraction": "fraction of patients held out from all folds",
     "split_seed": "seed of the patient shuffle that makes the split",
     "n_features": "U-Net width of every level (when --features is not given)",
@@ -188,7 +188,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
             raise TumorsegError("--data is required (the kaggle_3m folder or a prepared cache)")
         data = a.data
         cfg = _train_config(a)
-        run_dir = Path(a.out) if a.out else Path("runs") / f"{a.preset or 'default'}-fold{cfg.fold}"
+        run_dir = Path(a.out) if a.out else Path("runs") / (
+            f"{a.preset or 'default'}-" + (f"fold{cfg.fold}" if cfg.fold >= 0 else "all"))
         if (run_dir / "last.pt").exists():
             raise TumorsegError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                                 "or choose another --out")
@@ -201,6 +202,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
         print(f"interrupted: saved {run_dir / 'last.pt'}; continue with "
               f"`tumorseg train --resume {run_dir}`", file=sys.stderr)
         return 130
+    if cfg.fold < 0:
+        print(f"done: {result.epochs_done} epochs on every non-test patient ({run_dir / 'last.pt'})")
+        return 0
     print(f"done: {result.epochs_done} epochs; best validation per-patient Dice mean "
           f"{result.best_dice:.4f} at epoch {result.best_epoch} ({run_dir / 'best.pt'})")
     return 0

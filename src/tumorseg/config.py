@@ -73,7 +73,7 @@ class TrainConfig:
     # --- data ---
     channels: tuple[str, ...] = CHANNELS  # input sequences, by name, in this order
     folds: int = 5  # k of the patient-level k-fold split
-    fold: int = 0  # which fold is the validation fold
+    fold: int = 0  # which fold is the validation fold; -1 = train on every non-test patient, no validation
     test_fraction: float = 0.0  # patients held out from all folds (0 = none)
     split_seed: int = 0  # seed of the patient shuffle that makes the split
     # --- model ---
@@ -191,7 +191,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.features is None or len(cfg.features) == cfg.depth,
          f"features must list one width per level ({cfg.depth}), got {cfg.features}"),
         (cfg.folds >= 2, f"folds must be >= 2, got {cfg.folds}"),
-        (0 <= cfg.fold < cfg.folds, f"fold must be in 0..{cfg.folds - 1}, got {cfg.fold}"),
+        (-1 <= cfg.fold < cfg.folds, f"fold must be in 0..{cfg.folds - 1}, or -1 for all, got {cfg.fold}"),
         (0.0 <= cfg.test_fraction < 1.0, f"test_fraction must be in [0, 1), got {cfg.test_fraction}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),

@@ -319,7 +319,10 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     split = prepare_split(cfg, cache, run_dir, split_file, resume)
-    train_patients, val_patients = split.train(cfg.fold), split.val(cfg.fold)
+    if cfg.fold < 0:  # a final model: every non-test patient trains, nothing validates
+        train_patients, val_patients = split.train_all(), []
+    else:
+        train_patients, val_patients = split.train(cfg.fold), split.val(cfg.fold)
 
     dev = select_device(device)
     dtype = resolve_precision(cfg.precision, dev)
@@ -337,7 +340,7 @@ def fit(
         torch.set_rng_state(state["rng"]["torch"])
 
     train = load_arrays(cache, train_patients, cfg.channels)
-    val = load_arrays(cache, val_patients, cfg.channels)
+    val = load_arrays(cache, val_patients, cfg.channels) if val_patients else None
 
     def checkpoint(path: Path, metrics: dict[str, Any] | None = None) -> None:
         save_checkpoint(
@@ -370,8 +373,12 @@ def fit(
             while progress.epoch < cfg.epochs:
                 train_loss = train_one_epoch(model, train, cfg, optimizer, loss_fn, dev, dtype, progress,
                                              show_progress, on_step)
-                v = validate(model, val, loss_fn, dev, dtype, threshold=cfg.threshold,
-                             postprocess=cfg.postprocess, channels_last=cfg.channels_last)
+                if val is not None:
+                    v = validate(model, val, loss_fn, dev, dtype, threshold=cfg.threshold,
+                                 postprocess=cfg.postprocess, channels_last=cfg.channels_last)
+                else:
+                    v = {"val_loss": math.nan, "val_dice_mean": math.nan, "val_dice_median": math.nan,
+                         "per_patient": {}}
                 row = {
                     "epoch": progress.epoch + 1, "train_loss": train_loss, "val_loss": v["val_loss"],
                     "val_dice_mean": v["val_dice_mean"], "val_dice_median": v["val_dice_median"],
@@ -385,7 +392,7 @@ def fit(
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                     scheduler.step()
                 progress = EpochProgress(epoch=progress.epoch + 1)
-                improved = v["val_dice_mean"] > best["dice"]
+                improved = val is not None and v["val_dice_mean"] > best["dice"]
                 if improved:
                     best = {"epoch": row["epoch"], "dice": v["val_dice_mean"]}
                 last_metrics = {**row, "val_per_patient": v["per_patient"]}

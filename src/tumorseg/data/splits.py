@@ -27,6 +27,10 @@ class Split:
         self._check(fold)
         return sorted(p for i, f in enumerate(self.folds) if i != fold for p in f)
 
+    def train_all(self) -> list[str]:
+        """Every patient outside the test set (the training set of a final model)."""
+        return sorted(p for f in self.folds for p in f)
+
     def val(self, fold: int) -> list[str]:
         self._check(fold)
         return sorted(self.folds[fold])
