@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tumorseg import cli
+from tumorseg.config import TrainConfig, merge_layers
 
 TINY_TRAIN = ["--n-features", "4", "--depth", "3", "--features", "none", "--epochs", "2", "--batch-size", "4",
               "--folds", "2", "--crop", "16", "--samples-per-epoch", "8", "--precision", "fp32",
@@ -138,10 +140,10 @@ def test_bad_input_is_one_line_exit_2(args, message, kaggle, tmp_path, capsys, m
     (tmp_path / "empty").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "grey.png")
     # A tiny valid tumorseg checkpoint stands in where the error is not about the checkpoint.
-    from tumorseg.checkpoint import save_checkpoint
+    from tumorseg.checkpoint import Checkpoint, save_checkpoint
     from tumorseg.model import UNet
 
-    save_checkpoint(tmp_path / "ok.pt", UNet(n_features=2, depth=2))
+    save_checkpoint(tmp_path / "ok.pt", Checkpoint.of_model(UNet(n_features=2, depth=2)))
     subst = {"{tmp}": str(tmp_path), "{root}": str(kaggle.root), "{seed}": str(tmp_path / "ok.pt")}
     argv = []
     for a in args:
@@ -162,7 +164,7 @@ def test_predict_uses_the_shipped_model_by_default(kaggle, tmp_path, capsys):
     from tumorseg.inference import default_checkpoint_path
 
     shipped = load_checkpoint(default_checkpoint_path())
-    assert shipped.kind == "tumorseg" and shipped.postprocess == "lcc"
+    assert shipped.kind == "tumorseg" and shipped.inference.postprocess == "lcc"
     assert default_checkpoint_path().stat().st_size < 6_000_000  # a few MB inside the wheel
     code, out, err = run_cli(["predict", kaggle.root / "PAT_B_2002", "--out", tmp_path / "p", "--no-progress"],
                              capsys)
@@ -183,14 +185,14 @@ def test_config_file_and_flags_override_preset(kaggle, tmp_path, capsys):
     args = cli.build_parser().parse_args(["train", "--data", "x", "--preset", "seed", "--config",
                                           str(tmp_path / "c.toml"), "--epochs", "3"])
     (tmp_path / "c.toml").write_text('lr = 0.002\nepochs = 7\nchannels = ["FLAIR"]\n')
-    cfg = cli._train_config(args)
+    cfg = merge_layers(args.preset, args.config, {f.name: getattr(args, f"cfg_{f.name}") for f in fields(TrainConfig)})
     assert (cfg.lr, cfg.epochs, cfg.channels, cfg.batch_size) == (0.002, 3, ("FLAIR",), 8)
     (tmp_path / "c.json").write_text(json.dumps({"learning_rate": 1}))
     args.config = str(tmp_path / "c.json")
     from tumorseg.errors import TumorsegError
 
     with pytest.raises(TumorsegError, match="unknown config field"):
-        cli._train_config(args)
+        merge_layers(args.preset, args.config, {})
 
 
 def test_ctrl_c_saves_and_resume_finishes(kaggle, tmp_path):
@@ -209,14 +211,14 @@ def test_ctrl_c_saves_and_resume_finishes(kaggle, tmp_path):
     assert proc.returncode == 130, err
     assert f"--resume {run}" in err and (run / "last.pt").is_file()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
-    from tumorseg.checkpoint import read_checkpoint
+    from tumorseg.checkpoint import load_checkpoint
 
-    saved = read_checkpoint(run / "last.pt")
-    assert (saved["epoch"], saved["progress"]["step"]) < (6, 0)
+    saved = load_checkpoint(run / "last.pt")
+    assert (saved.epoch, saved.training.progress["step"]) < (6, 0)
     resumed = subprocess.run([sys.executable, "-m", "tumorseg", "train", "--resume", str(run), "--no-progress"],
                              env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert read_checkpoint(run / "last.pt")["epoch"] == 6
+    assert load_checkpoint(run / "last.pt").epoch == 6
     assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 6
 
 

@@ -1,4 +1,4 @@
-"""Training engine: sampling, determinism, interruption and resume, checkpoints."""
+"""Training engine: run folders, interruption and exact resume, checkpoints, final models."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 
-from tumorseg.checkpoint import load_checkpoint, read_checkpoint
+from tumorseg.checkpoint import load_checkpoint
 from tumorseg.config import TrainConfig, preset, replace_config
 from tumorseg.data import prepare
-from tumorseg.engine import batches_of, epoch_order, fit
+from tumorseg.engine import fit, run_training
+from tumorseg.errors import TumorsegError
 
 TINY = dict(
     n_features=4, depth=3, features=None, epochs=2, batch_size=4, folds=2, crop=16,
@@ -51,31 +52,6 @@ def test_step_schedule_drops_lr_at_epoch_30():
     assert lrs[29] == pytest.approx(1e-4) and lrs[30] == pytest.approx(1e-5) and lrs[31] == pytest.approx(1e-5)
 
 
-def test_epoch_order_plain_is_a_permutation_and_seeded():
-    cfg = replace_config(TrainConfig(), {"tumour_fraction": -1})
-    tumour = torch.tensor([0, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
-    a = epoch_order(cfg, tumour, 0)
-    assert sorted(a.tolist()) == list(range(7))
-    assert torch.equal(a, epoch_order(cfg, tumour, 0))
-    assert not torch.equal(epoch_order(cfg, tumour, 0), epoch_order(cfg, tumour, 1))
-
-
-def test_epoch_order_tumour_fraction():
-    cfg = replace_config(TrainConfig(), {"tumour_fraction": 0.5, "samples_per_epoch": 1000})
-    tumour = torch.zeros(100, dtype=torch.bool)
-    tumour[:10] = True
-    order = epoch_order(cfg, tumour, 3)
-    assert order.numel() == 1000
-    # 500 forced tumour draws + about 10% of the 500 uniform draws.
-    share = tumour[order].float().mean().item()
-    assert 0.52 < share < 0.58
-
-
-def test_batches_drop_only_a_final_single_slice():
-    assert [b.tolist() for b in batches_of(torch.arange(9), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert [b.numel() for b in batches_of(torch.arange(10), 4)] == [4, 4, 2]
-
-
 def test_fit_writes_run_folder(cache, tmp_path):
     run = tmp_path / "run"
     result = fit(tiny_config(), cache, run, show_progress=False)
@@ -91,18 +67,32 @@ def test_fit_writes_run_folder(cache, tmp_path):
     train, val = set(split["folds"][1]), set(split["folds"][0])
     assert not train & val and train | val == set(cache.patients)
 
-    ck = read_checkpoint(run / "last.pt")
-    for key in ["model_config", "config", "channels", "normalization", "epoch", "optimizer", "scheduler",
-                "rng", "history", "metrics", "tumorseg_version", "threshold", "postprocess", "split"]:
-        assert key in ck, key
-    assert ck["epoch"] == 2 and ck["normalization"]["percentiles"] == [10.0, 99.0]
-    assert ck["split"]["val"] == sorted(val)
-    loaded = load_checkpoint(run / "best.pt")
-    assert loaded.kind == "tumorseg" and loaded.model.config.n_features == 4 and not loaded.model.training
+    ck = load_checkpoint(run / "last.pt")
+    assert ck.kind == "tumorseg" and ck.train_config == tiny_config() and ck.model_config.n_features == 4
+    assert ck.epoch == 2 and ck.percentiles == (10.0, 99.0) and ck.channels == tiny_config().channels
+    assert ck.training is not None and set(ck.training.optimizer) == {"state", "param_groups"}
+    assert ck.inference.postprocess == "none" and ck.inference.threshold == 0.5
+    assert [h["epoch"] for h in ck.history] == [1, 2] and ck.metrics["epoch"] == 2
+    assert ck.split["val"] == sorted(val)
+    assert json.loads((run / "inference.json").read_text()) == {"threshold": 0.5, "postprocess": "none", "tta": False}
+    model = load_checkpoint(run / "best.pt").build_model()
+    assert model.config.n_features == 4 and not model.training
+
+
+def test_validation_uses_the_inference_settings_asked_for(cache, tmp_path):
+    from tumorseg.config import InferenceConfig
+
+    inf = InferenceConfig(threshold=0.3, postprocess="lcc")
+    fit(tiny_config(epochs=1), cache, tmp_path / "run", inference=inf, show_progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt").inference == inf
+    # and a resume keeps them
+    fit(tiny_config(epochs=1), cache, tmp_path / "run2", inference=inf, show_progress=False, stop_after_steps=1)
+    fit(tiny_config(), cache, tmp_path / "run2", resume=True, show_progress=False)
+    assert load_checkpoint(tmp_path / "run2" / "last.pt").inference == inf
 
 
 def _state(path):
-    return read_checkpoint(path)["state_dict"]
+    return load_checkpoint(path).state_dict
 
 
 # 3 steps per epoch: stop mid-epoch 1, after its last step (before validation), mid-epoch 2.
@@ -112,7 +102,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(cache, tmp_path, stop_
     full = fit(cfg, cache, tmp_path / "full", show_progress=False)
     part = fit(cfg, cache, tmp_path / "part", show_progress=False, stop_after_steps=stop_after)
     assert part.interrupted
-    progress = read_checkpoint(tmp_path / "part" / "last.pt")["progress"]
+    progress = load_checkpoint(tmp_path / "part" / "last.pt").training.progress
     assert (progress["epoch"], progress["step"]) == (epoch, step)
     resumed = fit(cfg, cache, tmp_path / "part", resume=True, show_progress=False)
     assert resumed.epochs_done == full.epochs_done == 2
@@ -144,7 +134,7 @@ def test_ctrl_c_inside_an_optimiser_step_stops_after_it_and_resumes_exactly(cach
     monkeypatch.setattr(torch.optim.Adam, "step", step_with_signal)
     part = fit(cfg, cache, tmp_path / "part", show_progress=False)
     assert part.interrupted
-    assert read_checkpoint(tmp_path / "part" / "last.pt")["progress"]["step"] == 2
+    assert load_checkpoint(tmp_path / "part" / "last.pt").training.progress["step"] == 2
     monkeypatch.setattr(torch.optim.Adam, "step", original_step)
     fit(cfg, cache, tmp_path / "part", resume=True, show_progress=False)
     a, b = _state(tmp_path / "full" / "last.pt"), _state(tmp_path / "part" / "last.pt")
@@ -162,10 +152,27 @@ def test_new_run_does_not_reuse_a_stale_split(cache, tmp_path):
 
 
 def test_resume_without_checkpoint_is_an_error(cache, tmp_path):
-    from tumorseg.errors import TumorsegError
-
     with pytest.raises(TumorsegError, match="last.pt does not exist"):
         fit(tiny_config(), cache, tmp_path / "none", resume=True, show_progress=False)
+
+
+def test_a_new_run_never_overwrites_an_existing_one(cache, tmp_path):
+    fit(tiny_config(epochs=1), cache, tmp_path / "run", show_progress=False)
+    with pytest.raises(TumorsegError, match="already holds a run; continue it with --resume"):
+        fit(tiny_config(epochs=1), cache, tmp_path / "run", show_progress=False)
+
+
+def test_run_training_resumes_with_the_remembered_data_path(kaggle, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "caches"))
+    run = tmp_path / "run"
+    part = run_training(run, data=kaggle.root, cfg=tiny_config(), show_progress=False)
+    assert part.epochs_done == 2
+    ck = load_checkpoint(run / "last.pt")
+    assert ck.training.data_path == str(kaggle.root.resolve())
+    with pytest.raises(TumorsegError, match="--data is required"):
+        run_training(tmp_path / "other", cfg=tiny_config(), show_progress=False)
+    with pytest.raises(TumorsegError, match="cannot resume"):
+        run_training(tmp_path / "other", resume=True, show_progress=False)
 
 
 def test_training_reduces_loss(cache, tmp_path):
@@ -180,7 +187,8 @@ def test_fold_minus_one_trains_on_every_patient_without_validation(cache, tmp_pa
     cfg = dataclasses.replace(tiny_config(), fold=-1)
     result = fit(cfg, cache, run, show_progress=False)
     assert result.epochs_done == 2 and not (run / "best.pt").exists()
-    ck = read_checkpoint(run / "last.pt")
-    assert ck["split"]["train"] == sorted(cache.patients) and ck["split"]["val"] == []
+    ck = load_checkpoint(run / "last.pt")
+    assert ck.split["train"] == sorted(cache.patients) and ck.split["val"] == []
+    assert result.best_epoch == 0
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["val_dice_mean"] for r in rows] == ["nan", "nan"]

@@ -13,11 +13,10 @@ from PIL import Image
 from tumorseg.data.kaggle import (
     find_patient_dirs,
     list_slices,
-    read_image,
-    read_mask,
     read_metadata,
     read_patient,
 )
+from tumorseg.data.slices import read_image, read_mask
 from tumorseg.errors import DataError
 
 

@@ -1,4 +1,4 @@
-"""Metrics: counts, ratios, the empty-mask rule, HD95, largest component, per-patient
+"""Metrics: counts, ratios, the empty-mask rule, HD95, per-patient
 aggregation. Every expected value is worked out by hand in the comments."""
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from tumorseg.metrics import (
     dice_from_counts,
     hd95,
     iou_from_counts,
-    largest_component,
     nanmean,
-    patient_scores,
     precision_from_counts,
     recall_from_counts,
+    score_patient,
     slice_scores,
 )
 
@@ -72,7 +71,7 @@ def test_ratios_from_counts(c, dice, iou, precision, recall):
 
 def test_empty_both_scores_one_and_hd95_zero():
     empty = np.zeros((2, 6, 6), dtype=bool)
-    s = patient_scores("P", empty, empty)
+    s = score_patient("P", empty, empty)
     assert (s.dice, s.iou, s.precision, s.recall, s.hd95) == (1.0, 1.0, 1.0, 1.0, 0.0)
     assert (s.slices, s.true_voxels, s.pred_voxels) == (2, 0, 0)
 
@@ -83,7 +82,7 @@ def test_one_empty_scores_zero_and_hd95_nan(empty_side):
     full[0, 2:4, 2:4] = True
     empty = np.zeros_like(full)
     pred, truth = (empty, full) if empty_side == "pred" else (full, empty)
-    s = patient_scores("P", pred, truth)
+    s = score_patient("P", pred, truth)
     assert s.dice == 0.0 and s.iou == 0.0
     assert math.isnan(s.hd95)
     assert math.isnan(hd95(pred, truth))
@@ -150,36 +149,7 @@ def test_hd95_shape_mismatch():
         hd95(np.ones((3, 3)), np.ones((3, 4)))
 
 
-def test_largest_component_uses_26_connectivity():
-    m = np.zeros((3, 8, 8), dtype=bool)
-    # A: three voxels touching only at corners across slices (26-connected: size 3).
-    m[0, 0, 0] = m[1, 1, 1] = m[2, 2, 2] = True
-    # B: two face-connected voxels (size 2). With 6-connectivity B would win.
-    m[0, 6, 6] = m[0, 6, 7] = True
-    out = largest_component(m)
-    expected = np.zeros_like(m)
-    expected[0, 0, 0] = expected[1, 1, 1] = expected[2, 2, 2] = True
-    assert out.dtype == bool
-    assert np.array_equal(out, expected)
 
-
-def test_largest_component_2d_uses_8_connectivity():
-    m = a([[1, 0, 0, 0, 1],
-           [0, 1, 0, 0, 1],
-           [0, 0, 1, 0, 0]])
-    expected = a([[1, 0, 0, 0, 0],
-                  [0, 1, 0, 0, 0],
-                  [0, 0, 1, 0, 0]])
-    assert np.array_equal(largest_component(m), expected)
-
-
-@pytest.mark.parametrize("n_components", [0, 1])
-def test_largest_component_keeps_zero_or_one_component(n_components):
-    m = np.zeros((2, 4, 4), dtype=np.uint8)
-    if n_components:
-        m[0, 1:3, 1:3] = 1
-        m[1, 0, 0] = 1
-    assert np.array_equal(largest_component(m), m.astype(bool))
 
 
 def test_patient_dice_pools_counts_over_slices():
@@ -191,7 +161,7 @@ def test_patient_dice_pools_counts_over_slices():
     truth[0, 0, 0] = pred[0, 0, 0] = True
     truth[1, 2, 0:3] = True
     pred[1, 2, 0] = True
-    s = patient_scores("PAT_X", pred, truth)
+    s = score_patient("PAT_X", pred, truth)
     assert s.patient == "PAT_X" and s.slices == 2
     assert s.dice == pytest.approx(2 / 3)
     assert s.iou == pytest.approx(2 / 4)

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tumorseg.data.slices import mask_png, write_png
 from tumorseg.plots import (
     contour,
-    mask_png,
     overlay,
     plot_dice_distribution,
     plot_examples,
     plot_training_curves,
-    write_png,
 )
 
 

@@ -1,8 +1,28 @@
-"""Self-describing checkpoints: atomic save, and one loader for tumorseg's own files and
-the original implementation's published `unet.pt`."""
+"""Self-describing, versioned checkpoints: the typed `Checkpoint` is the only thing that
+is saved or loaded, and this module is the only place that knows the file layout.
+
+File layout (format_version 2), a dict readable with `torch.load(weights_only=True)`:
+
+    format            "tumorseg-checkpoint"
+    format_version    2; a newer one is refused with "upgrade tumorseg", older ones are migrated
+    tumorseg_version  the package version that wrote it
+    model_config      ModelConfig.to_dict()
+    state_dict        the U-Net weights (CPU tensors)
+    channels          input sequences by name, in order
+    normalization     {"method", "percentiles"}
+    inference         InferenceConfig.to_dict(): threshold, postprocess, tta
+    config            TrainConfig.to_dict() of the run (None for a model not trained here)
+    epoch, history, best, metrics, split, notes
+    training          optimiser/scheduler/RNG state, progress inside the epoch, data path;
+                      None in a released model
+
+The original implementation's `unet.pt` (`{"epoch", "state_dict", ...}` with
+`layers.<i>.` keys) loads through the same `load_checkpoint`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,66 +30,158 @@ from typing import Any
 
 import torch
 
-from tumorseg.config import CHANNELS, NORM_PERCENTILES, ModelConfig
-from tumorseg.errors import CheckpointError
+from tumorseg.config import CHANNELS, NORM_PERCENTILES, InferenceConfig, ModelConfig, TrainConfig
+from tumorseg.errors import CheckpointError, TumorsegError
 from tumorseg.fileio import atomic_write
 from tumorseg.model import UNet
 
 FORMAT = "tumorseg-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+NORMALIZATION_METHOD = "per-patient volume percentiles, clipped to [0, 1]"
 
 
 @dataclass
-class LoadedModel:
-    """A model ready for inference with what is needed to feed it correctly."""
+class TrainingState:
+    """What only resuming a run needs; a released model has none."""
 
-    model: UNet
-    channels: tuple[str, ...] = CHANNELS  # input sequences in order
-    percentiles: tuple[float, float] = NORM_PERCENTILES  # per-patient normalisation
-    threshold: float = 0.5
-    postprocess: str = "none"
-    kind: str = "tumorseg"  # "tumorseg" or "original"
-    path: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    progress: dict[str, Any]  # engine.EpochProgress as a dict
+    data_path: str | None = None
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write `obj` to `path` via a temporary file in the same folder and os.replace, so a
-    crash or Ctrl-C never leaves a truncated checkpoint."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+@dataclass
+class Checkpoint:
+    """A U-Net with everything needed to use it correctly or to resume its training."""
+
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    channels: tuple[str, ...] = CHANNELS
+    percentiles: tuple[float, float] = NORM_PERCENTILES
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    train_config: TrainConfig | None = None
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    split: dict[str, Any] | None = None  # {"fold", "train", "val"} patients of the run
+    training: TrainingState | None = None
+    notes: str = ""
+    tumorseg_version: str = ""
+    kind: str = "tumorseg"  # "original" for the original implementation's unet.pt (not saved)
+    path: str = ""  # the file it was loaded from (not saved)
+
+    @classmethod
+    def of_model(cls, model: UNet, **fields: Any) -> Checkpoint:
+        """A checkpoint of `model`'s current weights (copied to the CPU)."""
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return cls(model_config=model.config, state_dict=state, **fields)
+
+    def build_model(self) -> UNet:
+        """The U-Net with these weights, in eval mode.
+
+        Raises:
+            CheckpointError: the weights do not fit the architecture the file describes.
+        """
+        model = UNet.from_config(self.model_config)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            detail = first[1].strip() if len(first) > 1 else (first[0] if first else "")
+            raise CheckpointError(f"{self.path or 'checkpoint'}: weights do not fit the U-Net it describes "
+                                  f"({detail[:200]}); the file is damaged or was edited") from e
+        return model.eval()
+
+    def released(self, **inference: Any) -> Checkpoint:
+        """A copy without training state, with inference settings overridden (None = keep)."""
+        try:
+            inf = self.inference.replace(**inference)
+        except TypeError as e:
+            raise CheckpointError(f"cannot override {e}; allowed: "
+                                  f"{', '.join(f.name for f in dataclasses.fields(InferenceConfig))}") from e
+        except TumorsegError as e:
+            raise CheckpointError(str(e)) from e
+        return dataclasses.replace(self, training=None, inference=inf)
+
+    def to_payload(self) -> dict[str, Any]:
+        from tumorseg import __version__
+
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tumorseg_version": __version__,
+            "model_config": self.model_config.to_dict(),
+            "state_dict": self.state_dict,
+            "channels": list(self.channels),
+            "normalization": {"method": NORMALIZATION_METHOD, "percentiles": list(self.percentiles)},
+            "inference": self.inference.to_dict(),
+            "config": self.train_config.to_dict() if self.train_config is not None else None,
+            "epoch": self.epoch,
+            "history": self.history,
+            "best": self.best,
+            "metrics": self.metrics,
+            "split": self.split,
+            "notes": self.notes,
+            "training": dataclasses.asdict(self.training) if self.training is not None else None,
+        }
 
 
-def save_checkpoint(path: str | Path, model: UNet, **extra: Any) -> None:
-    """Save `model` with its architecture and any `extra` entries (config, channels,
-    normalisation, epoch, optimiser, scheduler, RNG states, metrics ...)."""
-    from tumorseg import __version__
-
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tumorseg_version": __version__,
-        "model_config": model.config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    payload.update(extra)
-    atomic_torch_save(payload, path)
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write `checkpoint` to `path` through a temporary file and os.replace, so a crash or
+    Ctrl-C never leaves a truncated file."""
+    payload = checkpoint.to_payload()
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True onto the CPU, with a clear error for bad files."""
+def read_payload(path: str | Path) -> dict[str, Any]:
+    """The raw dictionary of a checkpoint file (torch.load, weights_only, onto the CPU).
+
+    Raises:
+        CheckpointError: missing, a folder, unreadable, or not a dictionary.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file inside it (best.pt or last.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint"
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        lines = str(e).strip().splitlines()
+        first = lines[0] if lines else ""
+        if len(first) > 160:
+            first = first[:157] + "..."
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first_line[:200]}); "
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first}); "
             "pass a tumorseg checkpoint (best.pt/last.pt) or the original unet.pt"
         ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dictionary, got {type(obj).__name__}")
+    return obj
+
+
+def _migrate(obj: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Bring a tumorseg payload of an older format_version to the current layout."""
+    version = obj.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: unreadable format_version {version!r}; the file is damaged")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}, newer than the {FORMAT_VERSION} this "
+            "tumorseg reads; upgrade tumorseg (pip install -U tumorseg)")
+    obj = dict(obj)
+    if version == 1:
+        # v1 kept threshold/postprocess at the top level (and in the training config) and
+        # the resume state as loose top-level entries.
+        obj["inference"] = {"threshold": obj.pop("threshold", 0.5), "postprocess": obj.pop("postprocess", "none")}
+        if isinstance(obj.get("config"), dict):
+            obj["config"] = {k: v for k, v in obj["config"].items() if k not in ("threshold", "postprocess")}
+        loose = {k: obj.pop(k, None) for k in ("optimizer", "scheduler", "rng", "progress", "data_path")}
+        has_state = loose["optimizer"] is not None
+        obj["training"] = loose if has_state else None
+        obj["format_version"] = 2
     return obj
 
 
@@ -92,75 +204,69 @@ def original_model_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
     return ModelConfig(in_channels, out_channels, widths[0], depth, None if same else tuple(widths))
 
 
-def load_checkpoint(path: str | Path) -> LoadedModel:
-    """Load a tumorseg checkpoint or the original `unet.pt` into a `UNet` in eval mode.
+def _tumorseg_checkpoint(obj: dict[str, Any], path: Path) -> Checkpoint:
+    obj = _migrate(obj, path)
+    try:
+        cfg = ModelConfig.from_dict(obj["model_config"])
+        norm = obj.get("normalization") or {}
+        percentiles = tuple(float(p) for p in norm.get("percentiles", NORM_PERCENTILES))
+        train_cfg = TrainConfig.from_dict(obj["config"]) if isinstance(obj.get("config"), dict) else None
+        training = TrainingState(**obj["training"]) if isinstance(obj.get("training"), dict) else None
+        return Checkpoint(
+            model_config=cfg, state_dict=obj["state_dict"], channels=tuple(obj.get("channels", CHANNELS)),
+            percentiles=(percentiles[0], percentiles[1]),
+            inference=InferenceConfig.from_dict(obj.get("inference") or {}), train_config=train_cfg,
+            epoch=int(obj.get("epoch", 0)), history=list(obj.get("history") or []),
+            best=dict(obj.get("best") or {}), metrics=dict(obj.get("metrics") or {}), split=obj.get("split"),
+            training=training, notes=str(obj.get("notes", "")),
+            tumorseg_version=str(obj.get("tumorseg_version", "")), kind="tumorseg", path=str(path),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        # TumorsegError is a ValueError: a bad stored config lands here too.
+        raise CheckpointError(f"{path}: damaged tumorseg checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a tumorseg checkpoint (any format version up to FORMAT_VERSION) or the
+    original implementation's `unet.pt`.
 
     The original model applied a sigmoid inside forward; its weights are the same, and our
     UNet returns the logits before that sigmoid, so no conversion is needed.
+
+    Raises:
+        CheckpointError: missing, unreadable, damaged or too new a file.
     """
-    obj = read_checkpoint(path)
+    path = Path(path)
+    obj = read_payload(path)
     state = obj.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: no 'state_dict' entry; not a U-Net checkpoint")
     if obj.get("format") == FORMAT:
-        if not isinstance(obj.get("model_config"), dict):
-            raise CheckpointError(f"{path}: tumorseg checkpoint without 'model_config'; it is damaged")
-        try:
-            cfg = ModelConfig.from_dict(obj["model_config"])
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable model_config ({e})") from e
-        kind = "tumorseg"
-        channels = tuple(obj.get("channels", CHANNELS))
-        percentiles = tuple(obj.get("normalization", {}).get("percentiles", NORM_PERCENTILES))
-        threshold = float(obj.get("threshold", 0.5))
-        postprocess = str(obj.get("postprocess", "none"))
-    else:
-        cfg = original_model_config(state)
-        kind = "original"
-        channels = CHANNELS[: cfg.in_channels] if cfg.in_channels != 1 else ("FLAIR",)
-        percentiles, threshold, postprocess = NORM_PERCENTILES, 0.5, "none"
-    model = UNet.from_config(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the U-Net they describe ({e})") from e
-    model.eval()
-    meta = {k: v for k, v in obj.items() if k not in ("state_dict", "optimizer", "scheduler", "rng")}
-    return LoadedModel(
-        model=model, channels=channels, percentiles=(float(percentiles[0]), float(percentiles[1])),
-        threshold=threshold, postprocess=postprocess, kind=kind, path=str(path), meta=meta,
-    )
+        return _tumorseg_checkpoint(obj, path)
+    cfg = original_model_config(state)
+    channels = CHANNELS[: cfg.in_channels] if cfg.in_channels != 1 else ("FLAIR",)
+    return Checkpoint(model_config=cfg, state_dict=state, channels=channels,
+                      epoch=int(obj.get("epoch", 0) or 0), kind="original", path=str(path))
 
 
 def load_model(path: str | Path) -> UNet:
     """Load a tumorseg checkpoint or the original published `unet.pt`; returns the `UNet`
     in eval mode (its forward returns logits)."""
-    return load_checkpoint(path).model
+    return load_checkpoint(path).build_model()
 
 
-# Entries that only matter for resuming a run; a released model leaves them out.
-TRAINING_STATE = ("optimizer", "scheduler", "rng", "progress", "data_path")
-
-
-def export_weights(src: str | Path, dst: str | Path, **overrides: Any) -> None:
+def export_weights(src: str | Path, dst: str | Path, *, notes: str | None = None, **inference: Any) -> None:
     """Write a release copy of a tumorseg checkpoint: the same self-describing entries
-    without the optimiser/scheduler/RNG state (a third of the size), with `overrides`
-    (e.g. postprocess="lcc") applied to the inference settings.
+    without the optimiser/scheduler/RNG state (a third of the size), with inference
+    settings (threshold, postprocess, tta) overridden where given.
 
     Raises:
-        CheckpointError: `src` is not a tumorseg checkpoint, or an unknown override.
+        CheckpointError: `src` is not a tumorseg checkpoint, or a bad override.
     """
-    obj = read_checkpoint(src)
-    if obj.get("format") != FORMAT:
+    ck = load_checkpoint(src)
+    if ck.kind != "tumorseg":
         raise CheckpointError(f"{src} is not a tumorseg checkpoint; only those can be exported")
-    allowed = {"threshold", "postprocess", "notes"}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise CheckpointError(f"cannot override {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    if "postprocess" in overrides and overrides["postprocess"] not in ("none", "lcc"):
-        raise CheckpointError(f"postprocess must be none or lcc, got {overrides['postprocess']!r}")
-    if "threshold" in overrides and not 0.0 < float(overrides["threshold"]) < 1.0:
-        raise CheckpointError(f"threshold must be between 0 and 1, got {overrides['threshold']!r}")
-    out = {k: v for k, v in obj.items() if k not in TRAINING_STATE}
-    out.update(overrides)
-    atomic_torch_save(out, dst)
+    out = ck.released(**inference)
+    if notes is not None:
+        out.notes = notes
+    save_checkpoint(dst, out)

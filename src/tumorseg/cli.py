@@ -10,58 +10,43 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tumorseg.config import PRESETS, TrainConfig, load_config_file, preset, replace_config
+from tumorseg.config import (
+    POSTPROCESS_CHOICES,
+    PRECISION_CHOICES,
+    PRESETS,
+    InferenceConfig,
+    TrainConfig,
+    field_help,
+    merge_layers,
+    preset,
+)
 from tumorseg.errors import TumorsegError
-
-FIELD_HELP = {
-    "channels": "input sequences by name, comma-separated (pre-contrast,FLAIR,post-contrast)",
-    "folds": "number of patient-level folds",
-    "fold": "validation fold of this run (0-based); -1 trains on every non-test patient without validation",
-    "test_fraction": "fraction of patients held out from all folds",
-    "split_seed": "seed of the patient shuffle that makes the split",
-    "n_features": "U-Net width of every level (when --features is not given)",
-    "depth": "U-Net levels including the bottleneck (>= 2)",
-    "features": "per-level widths, comma-separated, e.g. 32,64,128,256; none = --n-features at every level",
-    "epochs": "training epochs",
-    "batch_size": "slices per optimiser step",
-    "lr": "Adam learning rate",
-    "weight_decay": "Adam weight decay",
-    "schedule": "learning-rate schedule: step or cosine",
-    "lr_step": "epoch of the step decay (schedule step)",
-    "lr_gamma": "factor of the step decay",
-    "loss": "dice (batch-pooled, the original), dice_per_image or bce_dice",
-    "augment": "flips, rotation, scaling, intensity jitter: true/false",
-    "sequence_dropout": "share of training slices whose non-FLAIR sequences are replaced by FLAIR, "
-                        "as kaggle_3m does for missing sequences (with --augment)",
-    "tumour_fraction": "share of slices drawn from tumour slices; negative = every slice once per epoch",
-    "samples_per_epoch": "slices per epoch; 0 = number of training slices",
-    "crop": "train on crop x crop patches; 0 = whole slices",
-    "seed": "seed of weights, slice order and augmentation",
-    "precision": "auto (bf16 where the hardware has it), bf16 or fp32",
-    "channels_last": "channels-last memory layout: true/false",
-    "threshold": "probability threshold for validation Dice (stored in checkpoints)",
-    "postprocess": "none or lcc (largest 3-D connected component); stored in checkpoints",
-}
 
 
 def _describe(name: str) -> str:
     d = getattr(preset("default"), name)
     s = PRESETS["seed"].get(name, d)
     fmt = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v  # noqa: E731
-    return f"{FIELD_HELP[name]} (default preset: {fmt(d)}; seed preset: {fmt(s)})"
+    return f"{field_help(TrainConfig, name)} (default preset: {fmt(d)}; seed preset: {fmt(s)})"
+
+
+def _add_inference_args(p: argparse.ArgumentParser, default: str) -> None:
+    """--threshold/--postprocess/--tta, the fields of InferenceConfig; `default` says
+    where an option left out comes from."""
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"{field_help(InferenceConfig, 'threshold')} (default: {default})")
+    p.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default=None,
+                   help=f"{field_help(InferenceConfig, 'postprocess')} (default: {default})")
+    p.add_argument("--tta", action="store_true", default=None,
+                   help="average with the horizontally flipped image (default: off)")
 
 
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None,
-                   help="tumorseg checkpoint or the original unet.pt (default: the model shipped "
-                        "with the package)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="probability threshold (default: the checkpoint's, 0.5 for unet.pt)")
-    p.add_argument("--postprocess", choices=["none", "lcc"], default=None,
-                   help="none, or lcc to keep the largest 3-D connected component "
-                        "(default: the checkpoint's)")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image (default: off)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    p.add_argument("--checkpoint", nargs="+", action="extend", default=None, metavar="PATH",
+                   help="tumorseg checkpoint or the original unet.pt; several make an ensemble that "
+                        "averages probabilities (default: the model shipped with the package)")
+    _add_inference_args(p, "the checkpoint's; 0.5 and none for unet.pt")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="auto uses bf16 on CPUs/GPUs with native bf16 (default: auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
@@ -105,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
                        metavar=f.name.upper(), help=_describe(f.name))
+    _add_inference_args(p, "0.5, none; validation only, recorded in the checkpoints")
 
     p = sub.add_parser("evaluate", help="per-patient scores and a report on labelled data",
                        description="Score a model on labelled patients: per-patient Dice, IoU, "
@@ -142,67 +128,40 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(a: argparse.Namespace) -> TrainConfig:
-    """Preset, then config file, then options; merged first and checked once, so that
-    layers may change related fields together (e.g. depth in the file, features here)."""
-    name = a.preset or "default"
-    preset(name)  # rejects an unknown preset by name
-    merged = dict(PRESETS[name])
-    if a.config:
-        merged.update(load_config_file(a.config))
-    merged.update({f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)
-                   if getattr(a, f"cfg_{f.name}") is not None})
-    return replace_config(TrainConfig(), merged)
-
-
 def _cmd_train(a: argparse.Namespace) -> int:
     import torch
 
-    from tumorseg.data.cache import open_data
-    from tumorseg.engine import fit
+    from tumorseg.engine import run_training
 
     if a.threads is not None:
         if a.threads < 1:
             raise TumorsegError(f"--threads must be >= 1, got {a.threads}")
         torch.set_num_threads(a.threads)
+    options = {f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)}
+    inference_options = {"threshold": a.threshold, "postprocess": a.postprocess, "tta": a.tta}
     if a.resume:
-        changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
-                   if getattr(a, f"cfg_{f.name}") is not None]
+        changed = [f"--{k.replace('_', '-')}" for k, v in {**options, **inference_options}.items()
+                   if v is not None]
         changed += [o for o, v in (("--preset", a.preset), ("--config", a.config), ("--split", a.split),
                                    ("--out", a.out)) if v]
         if changed:
             raise TumorsegError(f"--resume continues the saved config; drop {', '.join(changed)}")
-        run_dir = Path(a.resume)
-        last = run_dir / "last.pt"
-        if not last.is_file():
-            raise TumorsegError(f"cannot resume: {last} does not exist")
-        from tumorseg.checkpoint import read_checkpoint
-
-        saved = read_checkpoint(last)
-        data = a.data or saved.get("data_path")
-        if not data:
-            raise TumorsegError("pass --data with --resume")
-        cfg = TrainConfig.from_dict(saved["config"])
+        run_dir, cfg, inference = Path(a.resume), None, None
     else:
         if not a.data:
             raise TumorsegError("--data is required (the kaggle_3m folder or a prepared cache)")
-        data = a.data
-        cfg = _train_config(a)
-        run_dir = Path(a.out) if a.out else Path("runs") / (
-            f"{a.preset or 'default'}-" + (f"fold{cfg.fold}" if cfg.fold >= 0 else "all"))
-        if (run_dir / "last.pt").exists():
-            raise TumorsegError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                                "or choose another --out")
-    cache = open_data(data, progress=not a.no_progress)
-    print(f"training fold {cfg.fold} of {cfg.folds} into {run_dir} "
-          f"({'resuming' if a.resume else 'new run'})", file=sys.stderr)
-    result = fit(cfg, cache, run_dir, resume=bool(a.resume), device=a.device,
-                 split_file=a.split, show_progress=not a.no_progress, data_path=str(Path(data).resolve()))
+        cfg = merge_layers(a.preset, a.config, options)
+        inference = InferenceConfig().replace(**inference_options)
+        name = f"fold{cfg.fold}" if cfg.fold >= 0 else "all"
+        run_dir = Path(a.out) if a.out else Path("runs") / f"{a.preset or 'default'}-{name}"
+    print(f"training into {run_dir} ({'resuming' if a.resume else 'new run'})", file=sys.stderr)
+    result = run_training(run_dir, data=a.data, cfg=cfg, inference=inference, resume=bool(a.resume),
+                          split_file=a.split, device=a.device, show_progress=not a.no_progress)
     if result.interrupted:
         print(f"interrupted: saved {run_dir / 'last.pt'}; continue with "
               f"`tumorseg train --resume {run_dir}`", file=sys.stderr)
         return 130
-    if cfg.fold < 0:
+    if not result.best_epoch:
         print(f"done: {result.epochs_done} epochs on every non-test patient ({run_dir / 'last.pt'})")
         return 0
     print(f"done: {result.epochs_done} epochs; best validation per-patient Dice mean "
@@ -210,29 +169,22 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _check_threshold(a: argparse.Namespace) -> None:
-    if a.threshold is not None and not 0.0 < a.threshold < 1.0:
-        raise TumorsegError(f"--threshold must be between 0 and 1, got {a.threshold}")
-
-
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from tumorseg.data.cache import open_data
-    from tumorseg.data.splits import load_split
-    from tumorseg.evaluation import evaluate
+    from tumorseg.data.splits import held_out_patients
+    from tumorseg.evaluation import check_spacing, evaluate
+    from tumorseg.fileio import prepare_output_dir
 
-    _check_threshold(a)
-    cache = open_data(a.data, progress=not a.no_progress)
-    patients = None
-    if a.split:
-        split = load_split(a.split)
-        patients = split.val(a.fold) if a.fold is not None else split.test
-        if not patients:
-            raise TumorsegError(f"{a.split} has no test patients; pass --fold K to evaluate a validation fold")
-    elif a.fold is not None:
+    if a.fold is not None and not a.split:
         raise TumorsegError("--fold needs --split (the splits.json of a run)")
+    InferenceConfig().replace(threshold=a.threshold)  # a bad threshold fails before any work
+    check_spacing(a.spacing)
+    prepare_output_dir(a.out)
+    patients = held_out_patients(a.split, a.fold) if a.split else None
+    cache = open_data(a.data, progress=not a.no_progress)
     report = evaluate(cache, a.out, checkpoint=a.checkpoint, patients=patients, threshold=a.threshold,
                       postprocess=a.postprocess, tta=a.tta, precision=a.precision, device=a.device,
-                      spacing=tuple(a.spacing) if a.spacing else None, show_progress=not a.no_progress)
+                      spacing=a.spacing, show_progress=not a.no_progress)
     s = {k: ("n/a" if v is None else f"{v:.4f}") for k, v in report["summary"].items() if k != "patients"}
     print(f"{report['summary']['patients']} patients: per-patient Dice mean {s['dice_mean']} median "
           f"{s['dice_median']} (std {s['dice_std']}); IoU {s['iou_mean']}; HD95 {s['hd95_mean']} px; "
@@ -244,9 +196,6 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from tumorseg.prediction import predict
 
-    _check_threshold(a)
-    if a.batch_size < 1:
-        raise TumorsegError(f"--batch-size must be >= 1, got {a.batch_size}")
     summaries = predict(a.inputs, a.out, checkpoint=a.checkpoint, threshold=a.threshold,
                         postprocess=a.postprocess, overlay=a.overlay, tta=a.tta, precision=a.precision,
                         device=a.device, batch_size=a.batch_size, show_progress=not a.no_progress)

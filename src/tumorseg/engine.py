@@ -1,9 +1,10 @@
-"""Training and validation: plain functions (`fit`, `train_one_epoch`, `validate`).
+"""Training: plain functions. `train_one_epoch` and `validate` do one pass each; `fit`
+runs a whole training into a run folder; `run_training` starts or resumes one from the
+command line's arguments (a data path, a config or a run folder).
 
-Reproducibility: every random draw of epoch `e` comes from generators seeded by
-(seed, e) for the slice order and (seed, e, step) for crops and augmentation, so a run
-interrupted at any step and resumed from its checkpoint continues with exactly the same
-batches; on the CPU the final weights equal those of an uninterrupted run.
+A run interrupted at any step (Ctrl-C, SIGTERM, a step limit) saves last.pt with its
+position inside the epoch and resumes exactly: the batches come from data.sampling's
+seeded generators, and on the CPU the final weights equal those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import csv
 import io
 import json
 import math
-import signal
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,58 +25,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tumorseg.augment import augment_batch, crop_batch, replace_sequences
-from tumorseg.checkpoint import read_checkpoint, save_checkpoint
-from tumorseg.config import NORM_PERCENTILES, TrainConfig
-from tumorseg.data.cache import Cache
+from tumorseg.checkpoint import Checkpoint, TrainingState, load_checkpoint, save_checkpoint
+from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig
+from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.dataset import SliceArrays, load_arrays
+from tumorseg.data.sampling import batches_of, epoch_order, training_batch
 from tumorseg.data.splits import Split, load_split, make_split, save_split
 from tumorseg.errors import TumorsegError
 from tumorseg.fileio import atomic_write_text
-from tumorseg.inference import autocast, binarize, resolve_precision, select_device
+from tumorseg.inference import Predictor
 from tumorseg.losses import make_loss
-from tumorseg.metrics import confusion_counts, dice_from_counts
+from tumorseg.metrics import score_patient
 from tumorseg.model import UNet
+from tumorseg.postprocess import binarize
+from tumorseg.runtime import StopTraining, autocast, graceful_stop, resolve_precision, select_device
 
 METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice_mean", "val_dice_median", "lr",
                  "seconds", "train_img_s"]
-
-
-def _generator(*keys: int) -> torch.Generator:
-    g = torch.Generator()
-    # A fixed mixing of the keys: hash() of a tuple of ints does not depend on
-    # PYTHONHASHSEED and is the same on every run of one CPython version.
-    g.manual_seed(hash(tuple(keys)) & 0x7FFF_FFFF_FFFF_FFFF)
-    return g
-
-
-def epoch_order(cfg: TrainConfig, tumour: torch.Tensor, epoch: int) -> torch.Tensor:
-    """Indices of the training slices seen in `epoch`, in order.
-
-    tumour_fraction < 0: every slice once, shuffled (the original). Otherwise
-    `samples_per_epoch` (default: number of slices) draws, `tumour_fraction` of them
-    from slices with tumour and the rest from all slices.
-    """
-    g = _generator(cfg.seed, epoch)
-    n = tumour.numel()
-    if cfg.tumour_fraction < 0:
-        return torch.randperm(n, generator=g)
-    total = cfg.samples_per_epoch or n
-    pos = torch.nonzero(tumour).flatten()
-    n_pos = round(cfg.tumour_fraction * total) if pos.numel() else 0
-    pick_pos = pos[torch.randint(pos.numel(), (n_pos,), generator=g)] if n_pos else pos[:0]
-    pick_any = torch.randint(n, (total - n_pos,), generator=g)
-    both = torch.cat([pick_pos, pick_any])
-    return both[torch.randperm(both.numel(), generator=g)]
-
-
-def batches_of(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Split an epoch order into batches; a final batch of one slice is dropped
-    (BatchNorm cannot train on it)."""
-    out = list(order.split(batch_size))
-    if len(out) > 1 and out[-1].numel() == 1:
-        out.pop()
-    return out
 
 
 @dataclass
@@ -89,23 +53,6 @@ class EpochProgress:
     loss_sum: float = 0.0
     images: int = 0
     seconds: float = 0.0
-
-
-def make_training_batch(arrays: SliceArrays, idx: torch.Tensor, cfg: TrainConfig, epoch: int,
-                        step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised (and, per config, cropped and augmented) images and masks of one step."""
-    x, y = arrays.batch(idx)
-    g = _generator(cfg.seed, epoch, step)
-    if cfg.crop:
-        x, y = crop_batch(x, y, cfg.crop, g)
-    if cfg.augment:
-        names = [c.lower() for c in cfg.channels]
-        if "flair" in names:
-            flair = names.index("flair")
-            others = [c for c in range(len(names)) if c != flair]
-            x = replace_sequences(x, flair, others, cfg.sequence_dropout, g)
-        x, y = augment_batch(x, y, g)
-    return x, y
 
 
 def train_one_epoch(
@@ -123,7 +70,7 @@ def train_one_epoch(
     try:
         for step in range(progress.step, len(batches)):
             t0 = time.perf_counter()
-            x, y = make_training_batch(arrays, batches[step], cfg, progress.epoch, step)
+            x, y = training_batch(arrays, batches[step], cfg, progress.epoch, step)
             x, y = x.to(device), y.to(device)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -151,34 +98,21 @@ def train_one_epoch(
     return progress.loss_sum / max(progress.images, 1)
 
 
-@torch.inference_mode()
-def validate(
-    model: nn.Module, arrays: SliceArrays, loss_fn: nn.Module, device: torch.device,
-    dtype: torch.dtype | None, *, threshold: float = 0.5, postprocess: str = "none",
-    batch_size: int = 16, channels_last: bool = True,
-) -> dict[str, Any]:
-    """Validation loss (the loss of each patient's chunks of `batch_size` slices, weighted by
-    chunk size, averaged over slices) and per-patient Dice (one Dice per patient over
-    all its slices, after thresholding and optional post-processing)."""
-    model.eval()
+def validate(predictor: Predictor, arrays: SliceArrays, loss_fn: nn.Module) -> dict[str, Any]:
+    """Validation loss (the loss of each patient's chunks of `predictor.batch_size`
+    slices, weighted by chunk size, averaged over slices) and per-patient Dice
+    (`metrics.score_patient` after the predictor's threshold and post-processing)."""
     loss_sum, n = 0.0, 0
     dices: dict[str, float] = {}
     for i, patient in enumerate(arrays.patients):
-        idx = arrays.patient_slices(i)
-        probs = []
-        for chunk in idx.split(batch_size):
-            x, y = arrays.batch(chunk)
-            x, y = x.to(device), y.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                logits = model(x)
-            loss_sum += float(loss_fn(logits.float(), y)) * x.shape[0]
-            n += x.shape[0]
-            probs.append(torch.sigmoid(logits.float()).cpu())
-        pred = binarize(torch.cat(probs), threshold, postprocess)
-        truth = arrays.masks[idx, 0].numpy() > 0
-        dices[patient] = dice_from_counts(confusion_counts(pred, truth))
+        x, y = arrays.batch(arrays.patient_slices(i))
+        out = predictor.predict(x, logits=True)
+        assert out.logits is not None  # asked for
+        for z, t in zip(out.logits.split(predictor.batch_size), y.split(predictor.batch_size), strict=True):
+            loss_sum += float(loss_fn(z, t)) * z.shape[0]
+            n += z.shape[0]
+        pred = binarize(out.probabilities, predictor.inference)
+        dices[patient] = score_patient(patient, pred, y[:, 0].numpy() > 0, surface=False).dice
     values = np.array(list(dices.values()))
     return {
         "val_loss": loss_sum / max(n, 1),
@@ -213,50 +147,11 @@ def write_metrics_csv(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-class StopTraining(Exception):
-    """Raised at a step boundary after a stop was requested (Ctrl-C, kill, or a step limit)."""
-
-
-class _StopRequest:
-    """Ctrl-C and SIGTERM only set a flag; training stops at the next step boundary, where
-    weights, optimiser and progress are consistent, so the saved state resumes exactly.
-    A second Ctrl-C stops at once (and saves nothing)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("stopping after this step and saving (Ctrl-C again to stop at once, without saving)")
-
-    def check(self) -> None:
-        if self.requested:
-            raise StopTraining
-
-
-@contextmanager
-def _graceful_stop():
-    request = _StopRequest()
-    previous = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, request)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        pass
-    try:
-        yield request
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass
 class FitResult:
     run_dir: Path
     epochs_done: int
-    best_epoch: int
+    best_epoch: int  # 0 when nothing was validated (fold -1)
     best_dice: float
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
@@ -287,6 +182,7 @@ def fit(
     cache: Cache,
     run_dir: str | Path,
     *,
+    inference: InferenceConfig | None = None,
     resume: bool = False,
     device: str = "auto",
     split_file: str | Path | None = None,
@@ -297,27 +193,35 @@ def fit(
 ) -> FitResult:
     """Train a U-Net by `cfg` on `cache`, writing everything into `run_dir`.
 
-    Writes config.json, splits.json, metrics.csv, training_curves.png, last.pt (every
-    epoch, and on interruption with the position inside the epoch) and best.pt (best
-    validation per-patient Dice mean). With `resume`, continues from run_dir/last.pt.
-    Ctrl-C or SIGTERM stops at the next step boundary and saves last.pt, as does
-    `stop_after_steps` after that many optimiser steps.
+    Writes config.json, inference.json, splits.json, metrics.csv, training_curves.png,
+    last.pt (every epoch, and on interruption with the position inside the epoch) and
+    best.pt (best validation per-patient Dice mean; none for fold -1). Validation uses
+    `inference` (default: threshold 0.5, no post-processing), which the checkpoints record.
+    With `resume`, continues from run_dir/last.pt with its saved config and inference
+    settings (`cfg` and `inference` are then ignored). Ctrl-C or SIGTERM stops at the next
+    step boundary and saves last.pt, as does `stop_after_steps` after that many steps.
 
     Raises:
-        TumorsegError: bad config/split/data, or a diverging loss.
+        TumorsegError: bad config/split/data, an existing run when not resuming, or a
+            diverging loss.
     """
     from tumorseg.plots import plot_training_curves
 
     run_dir = Path(run_dir)
     last_path = run_dir / "last.pt"
-    state: dict[str, Any] | None = None
+    state: Checkpoint | None = None
     if resume:
-        if not last_path.is_file():
-            raise TumorsegError(f"cannot resume: {last_path} does not exist")
-        state = read_checkpoint(last_path)
-        cfg = TrainConfig.from_dict(state["config"])
+        state = load_checkpoint(last_path) if last_path.is_file() else None
+        if state is None or state.train_config is None or state.training is None:
+            raise TumorsegError(f"cannot resume: {last_path} does not exist or holds no training state")
+        cfg, inference = state.train_config, state.inference
+    elif last_path.exists():
+        raise TumorsegError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                            "or choose another --out")
+    inference = inference or InferenceConfig()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+    atomic_write_text(run_dir / "inference.json", json.dumps(inference.to_dict(), indent=1) + "\n")
     split = prepare_split(cfg, cache, run_dir, split_file, resume)
     if cfg.fold < 0:  # a final model: every non-test patient trains, nothing validates
         train_patients, val_patients = split.train_all(), []
@@ -329,38 +233,37 @@ def fit(
     model, optimizer, scheduler, loss_fn = build_training(cfg, dev)
     history: list[dict[str, Any]] = []
     progress = EpochProgress()
-    best = {"epoch": 0, "dice": -math.inf}
+    best: dict[str, Any] = {"epoch": 0, "dice": -math.inf}
+    last_metrics: dict[str, Any] = {}
     if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = list(state["history"])
-        progress = EpochProgress(**state["progress"])
-        best = dict(state["best"])
-        torch.set_rng_state(state["rng"]["torch"])
+        assert state.training is not None  # checked above
+        model.load_state_dict(state.state_dict)
+        optimizer.load_state_dict(state.training.optimizer)
+        scheduler.load_state_dict(state.training.scheduler)
+        torch.set_rng_state(state.training.rng["torch"])
+        progress = EpochProgress(**state.training.progress)
+        history, best, last_metrics = list(state.history), dict(state.best), dict(state.metrics)
+        data_path = data_path or state.training.data_path
 
     train = load_arrays(cache, train_patients, cfg.channels)
     val = load_arrays(cache, val_patients, cfg.channels) if val_patients else None
+    # The live model, unfused: validation sees exactly the weights being trained.
+    predictor = Predictor([model], channels=cfg.channels, inference=inference, device=dev,
+                          precision=cfg.precision, channels_last=cfg.channels_last, fuse=False)
 
-    def checkpoint(path: Path, metrics: dict[str, Any] | None = None) -> None:
-        save_checkpoint(
-            path, model,
-            config=cfg.to_dict(), channels=list(cfg.channels),
-            normalization={"method": "per-patient volume percentiles, clipped to [0, 1]",
-                           "percentiles": list(NORM_PERCENTILES)},
-            threshold=cfg.threshold, postprocess=cfg.postprocess,
-            epoch=progress.epoch, progress=progress.__dict__.copy(),
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            rng={"torch": torch.get_rng_state()}, history=history, best=best,
-            metrics=metrics or {}, split={"fold": cfg.fold, "train": train_patients, "val": val_patients},
-            data_path=data_path,
-        )
+    def checkpoint(path: Path) -> None:
+        save_checkpoint(path, Checkpoint.of_model(
+            model, channels=cfg.channels, percentiles=NORM_PERCENTILES, inference=inference,
+            train_config=cfg, epoch=progress.epoch, history=history, best=best, metrics=last_metrics,
+            split={"fold": cfg.fold, "train": train_patients, "val": val_patients},
+            training=TrainingState(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                   rng={"torch": torch.get_rng_state()}, progress=asdict(progress),
+                                   data_path=data_path),
+        ))
 
     steps_done = 0
-
     interrupted = False
-    last_metrics: dict[str, Any] = dict(state["metrics"]) if state is not None else {}
-    with _graceful_stop() as stop:
+    with graceful_stop() as stop:
 
         def on_step(p: EpochProgress) -> None:
             nonlocal steps_done
@@ -374,8 +277,7 @@ def fit(
                 train_loss = train_one_epoch(model, train, cfg, optimizer, loss_fn, dev, dtype, progress,
                                              show_progress, on_step)
                 if val is not None:
-                    v = validate(model, val, loss_fn, dev, dtype, threshold=cfg.threshold,
-                                 postprocess=cfg.postprocess, channels_last=cfg.channels_last)
+                    v = validate(predictor, val, loss_fn)
                 else:
                     v = {"val_loss": math.nan, "val_dice_mean": math.nan, "val_dice_median": math.nan,
                          "per_patient": {}}
@@ -397,8 +299,8 @@ def fit(
                     best = {"epoch": row["epoch"], "dice": v["val_dice_mean"]}
                 last_metrics = {**row, "val_per_patient": v["per_patient"]}
                 if improved:  # best.pt first: last.pt never names a best epoch not yet saved
-                    checkpoint(run_dir / "best.pt", last_metrics)
-                checkpoint(last_path, last_metrics)
+                    checkpoint(run_dir / "best.pt")
+                checkpoint(last_path)
                 write_metrics_csv(history, run_dir / "metrics.csv")
                 plot_training_curves(history, run_dir / "training_curves.png")
                 if show_progress:
@@ -413,7 +315,47 @@ def fit(
                 stop.check()
         except StopTraining:
             interrupted = True
-            checkpoint(last_path, last_metrics)
+            checkpoint(last_path)
         except KeyboardInterrupt:  # second Ctrl-C: the state may be torn, keep the last save
             interrupted = True
-    return FitResult(run_dir, progress.epoch, int(best["epoch"]), float(best["dice"]), history, interrupted)
+    best_dice = float(best["dice"]) if best["epoch"] else math.nan
+    return FitResult(run_dir, progress.epoch, int(best["epoch"]), best_dice, history, interrupted)
+
+
+def run_training(
+    run_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    cfg: TrainConfig | None = None,
+    inference: InferenceConfig | None = None,
+    resume: bool = False,
+    split_file: str | Path | None = None,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> FitResult:
+    """Start a run of `cfg` on the data at `data` (a kaggle_3m folder or a prepared
+    cache), or with `resume` continue the run in `run_dir` (its data path is remembered;
+    `data` overrides it, e.g. after moving the data).
+
+    Raises:
+        TumorsegError: no data, nothing to resume, or what `fit` raises.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        last = run_dir / "last.pt"
+        if not last.is_file():
+            raise TumorsegError(f"cannot resume: {last} does not exist")
+        state = load_checkpoint(last)
+        if state.training is None or state.train_config is None:
+            raise TumorsegError(f"cannot resume: {last} holds no training state (a released model?)")
+        data = data or state.training.data_path
+        if not data:
+            raise TumorsegError("pass --data with --resume")
+        cfg = state.train_config
+    elif data is None:
+        raise TumorsegError("--data is required (the kaggle_3m folder or a prepared cache)")
+    elif cfg is None:
+        cfg = TrainConfig()
+    cache = open_data(data, progress=show_progress)
+    return fit(cfg, cache, run_dir, inference=inference, resume=resume, device=device, split_file=split_file,
+               show_progress=show_progress, data_path=str(Path(data).resolve()))

@@ -5,6 +5,10 @@ class TumorsegError(Exception):
     """Base class for errors caused by the user's input (files, options, checkpoints)."""
 
 
+class ConfigError(TumorsegError, ValueError):
+    """A configuration value is unknown, out of range or cannot be converted."""
+
+
 class DataError(TumorsegError, ValueError):
     """A data folder or file is missing, unreadable or not in the expected layout."""
 

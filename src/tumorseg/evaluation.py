@@ -10,34 +10,46 @@ Report folder:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from tumorseg.config import NORM_PERCENTILES
 from tumorseg.data.cache import Cache
-from tumorseg.errors import TumorsegError
-from tumorseg.inference import (
-    binarize,
-    load_for_inference,
-    predict_volume,
-    resolve_precision,
-    select_device,
-)
-from tumorseg.metrics import PatientScores, hd95, nanmean, patient_scores, slice_scores
+from tumorseg.errors import ConfigError, TumorsegError
+from tumorseg.fileio import atomic_write_text, prepare_output_dir
+from tumorseg.inference import Predictor
+from tumorseg.metrics import PatientScores, hd95, nanmean, score_patient, slice_scores
 
 PATIENT_FIELDS = ["patient", "slices", "dice", "iou", "precision", "recall", "hd95",
                   "true_voxels", "pred_voxels"]
+EMPTY_MASK_RULE = "both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 NaN (left out of means)"
 
 
 def _finite(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
+
+
+def check_spacing(spacing: Sequence[float] | None) -> tuple[float, float, float] | None:
+    """The voxel spacing (slices, rows, columns) in mm, or None.
+
+    Raises:
+        ConfigError: not three finite positive numbers.
+    """
+    if spacing is None:
+        return None
+    values = tuple(float(v) for v in spacing)
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"spacing must be three positive numbers (mm between slices, rows, columns), "
+                          f"got {list(spacing)}")
+    return values  # type: ignore[return-value]
 
 
 def summarize(scores: list[PatientScores], tumour_slice_dices: list[float], fp_slices: int,
@@ -61,31 +73,32 @@ def evaluate(
     cache: Cache,
     out_dir: str | Path,
     *,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | Sequence[str | Path] | None = None,
     patients: list[str] | None = None,
     threshold: float | None = None,
     postprocess: str | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     precision: str = "auto",
     device: str = "auto",
-    spacing: tuple[float, float, float] | None = None,
+    spacing: Sequence[float] | None = None,
     show_progress: bool = True,
     plots: bool = True,
+    predictor: Predictor | None = None,
 ) -> dict[str, Any]:
-    """Score `checkpoint` (default: the shipped model) on labelled patients of `cache`.
+    """Score a model on labelled patients of `cache` and write the report to `out_dir`.
 
-    threshold/postprocess default to the values stored in the checkpoint (0.5/"none" for
-    the original unet.pt). HD95 is in pixels (slice index, row, column, unit steps);
-    `spacing` (mm between slices, rows, columns) adds `hd95_mm`. Returns the report
-    dictionary, also written to out_dir.
+    The model is `predictor`, or `Predictor.from_checkpoints(checkpoint, ...)` (one
+    checkpoint, several for an ensemble, or None for the shipped model) with
+    threshold/postprocess/tta overriding the stored inference settings. HD95 is in pixels
+    (slice index, row, column, unit steps); `spacing` (mm between slices, rows, columns)
+    adds `hd95_mm`. Returns the report dictionary.
+
+    Raises:
+        TumorsegError: unknown or unlabelled patients, bad settings, an unusable out_dir.
     """
     from tumorseg.plots import plot_dice_distribution, plot_examples
 
-    dev = select_device(device)
-    loaded = load_for_inference(checkpoint, dev)
-    threshold = loaded.threshold if threshold is None else threshold
-    postprocess = loaded.postprocess if postprocess is None else postprocess
-    dtype = resolve_precision(precision, dev)
+    spacing = check_spacing(spacing)
     names = list(patients) if patients is not None else cache.patients
     unknown = [p for p in names if p not in cache.records]
     if unknown:
@@ -96,6 +109,10 @@ def evaluate(
                             "use `tumorseg predict` for unlabelled data")
     if not names:
         raise TumorsegError("no patients to evaluate")
+    out = prepare_output_dir(out_dir)
+    if predictor is None:
+        predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess,
+                                               tta=tta, device=device, precision=precision)
 
     scores: list[PatientScores] = []
     tumour_dices: list[float] = []
@@ -107,10 +124,10 @@ def evaluate(
         images = np.asarray(cache.images(patient))
         truth = np.asarray(cache.masks(patient)) > 0
         # The cache holds the statistics of NORM_PERCENTILES; other percentiles are recomputed.
-        stats = (rec.low, rec.high) if tuple(loaded.percentiles) == NORM_PERCENTILES else (None, None)
-        probs = predict_volume(loaded, images, low=stats[0], high=stats[1], device=dev, dtype=dtype, tta=tta)
-        pred = binarize(probs, threshold, postprocess)
-        s = patient_scores(patient, pred, truth)
+        same = predictor.percentiles == NORM_PERCENTILES
+        seg = predictor.segment(images, rec.low if same else None, rec.high if same else None)
+        pred = seg.mask
+        s = score_patient(patient, pred, truth)
         scores.append(s)
         if spacing is not None:  # kaggle_3m TIFFs carry no spacing: the user supplies it
             hd95_mm[patient] = hd95(pred, truth, spacing) if not math.isnan(s.hd95) else math.nan
@@ -123,14 +140,15 @@ def evaluate(
 
     summary = summarize(scores, tumour_dices, fp_slices, empty_slices)
     report = {
-        "checkpoint": str(loaded.path),
-        "checkpoint_kind": loaded.kind,
-        "threshold": float(threshold),
-        "postprocess": postprocess,
-        "tta": tta,
-        "precision": "bf16" if dtype == torch.bfloat16 else ("fp16" if dtype == torch.float16 else "fp32"),
-        "channels": list(loaded.channels),
-        "empty_mask_rule": "both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 NaN (left out of means)",
+        "checkpoint": predictor.source,
+        "checkpoint_kind": "ensemble" if len(predictor.models) > 1 else predictor.kind,
+        "models": len(predictor.models),
+        "threshold": float(predictor.inference.threshold),
+        "postprocess": predictor.inference.postprocess,
+        "tta": predictor.inference.tta,
+        "precision": predictor.precision,
+        "channels": list(predictor.channels),
+        "empty_mask_rule": EMPTY_MASK_RULE,
         "summary": {k: _finite(v) if isinstance(v, float) else v for k, v in summary.items()},
         "patients": [
             {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(s).items()}
@@ -138,13 +156,12 @@ def evaluate(
             for s in scores
         ],
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    with (out / "per_patient.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=PATIENT_FIELDS + (["hd95_mm"] if hd95_mm else []))
-        w.writeheader()
-        w.writerows(report["patients"])
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=PATIENT_FIELDS + (["hd95_mm"] if hd95_mm else []), lineterminator="\n")
+    w.writeheader()
+    w.writerows(report["patients"])
+    atomic_write_text(out / "per_patient.csv", buf.getvalue())
     if plots:
         plot_dice_distribution({s.patient: s.dice for s in scores}, out / "dice_distribution.png",
                                title=f"Per-patient Dice ({len(scores)} patients)")

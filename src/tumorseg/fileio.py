@@ -34,3 +34,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the output folder `path` (and its parents) and check that it can be written,
+    before any long work starts.
+
+    Raises:
+        TumorsegError: the path is a file, or the folder cannot be created or written.
+    """
+    from tumorseg.errors import TumorsegError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TumorsegError(f"output {path} is a file; pass a folder to --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{secrets.token_hex(4)}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise TumorsegError(f"cannot write to output folder {path} ({e.strerror or e}); "
+                            "choose another --out") from e
+    return path

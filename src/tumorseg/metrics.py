@@ -93,17 +93,6 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] | None 
     return float(np.percentile(dists, 95))
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest 26-connected (3-D) / 8-connected (2-D) component of a binary mask."""
-    m = np.asarray(mask, dtype=bool)
-    labels, n = ndimage.label(m, structure=np.ones((3,) * m.ndim, dtype=bool))
-    if n <= 1:
-        return m
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
-
-
 @dataclass(frozen=True)
 class PatientScores:
     patient: str
@@ -117,14 +106,21 @@ class PatientScores:
     pred_voxels: int
 
 
-def patient_scores(patient: str, pred: np.ndarray, truth: np.ndarray,
-                   spacing: tuple[float, ...] | None = None) -> PatientScores:
-    """Scores of one patient volume: pred, truth binary (S, H, W)."""
+def score_patient(patient: str, pred: np.ndarray, truth: np.ndarray, *,
+                  spacing: tuple[float, ...] | None = None, surface: bool = True) -> PatientScores:
+    """The per-patient scores of tumorseg: one pooled confusion count over all slices of
+    the volume, pred and truth binary (S, H, W); used by training validation, `evaluate`
+    and the real-data tests alike.
+
+    `spacing` (per axis) gives HD95 in those units; `surface=False` skips the surface
+    distance (HD95 NaN), which validation does to stay fast.
+    """
     c = confusion_counts(pred, truth)
     return PatientScores(
         patient=patient, slices=int(pred.shape[0]), dice=dice_from_counts(c), iou=iou_from_counts(c),
         precision=precision_from_counts(c), recall=recall_from_counts(c),
-        hd95=hd95(pred, truth, spacing), true_voxels=c.tp + c.fn, pred_voxels=c.tp + c.fp,
+        hd95=hd95(pred, truth, spacing) if surface else math.nan,
+        true_voxels=c.tp + c.fn, pred_voxels=c.tp + c.fp,
     )
 
 

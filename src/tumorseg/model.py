@@ -25,6 +25,8 @@ from torch import nn
 
 from tumorseg.config import ModelConfig
 
+_DEFAULT = ModelConfig()  # the original architecture: the defaults live there
+
 # The activations stack of the forward pass running in this thread/task (None outside one).
 _ACTIVATIONS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
     "tumorseg_unet_activations", default=None
@@ -83,11 +85,11 @@ class UNet(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        out_channels: int = 1,
-        n_features: int = 32,
-        depth: int = 4,
-        features: tuple[int, ...] | list[int] | None = None,
+        in_channels: int = _DEFAULT.in_channels,
+        out_channels: int = _DEFAULT.out_channels,
+        n_features: int = _DEFAULT.n_features,
+        depth: int = _DEFAULT.depth,
+        features: tuple[int, ...] | list[int] | None = _DEFAULT.features,
     ):
         super().__init__()
         if depth < 2:

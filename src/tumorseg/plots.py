@@ -1,8 +1,8 @@
-"""Figures and overlays: training curves, Dice distributions, contour overlays, PNG writers.
+"""Figures and overlays: training curves, Dice distributions, contour overlays.
 
 Matplotlib is used through its object API only (`Figure` + the Agg canvas), imported
 lazily inside the figure functions: importing this module never imports pyplot, never
-touches rcParams or the backend, and `overlay()`/`write_png()` work without matplotlib.
+touches rcParams or the backend, and `overlay()` works without matplotlib.
 Every file is written atomically (a temporary file in the same folder, then os.replace).
 
 Overlay colours: true contour green (0, 255, 0), predicted contour red (255, 0, 0); where
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from tumorseg.fileio import atomic_write
@@ -35,24 +34,6 @@ _DPI = 100
 
 
 # --------------------------------------------------------------------------- files
-
-def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:
-    """Write uint8 RGB (H, W, 3) or grey (H, W) pixels to a PNG with Pillow."""
-    arr = np.asarray(rgb)
-    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-        raise ValueError(f"expected uint8 (H, W, 3) or (H, W), got {arr.dtype} {arr.shape}")
-    img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.ndim == 3 else "L")
-    return atomic_write(path, lambda f: img.save(f, format="PNG"))
-
-
-def mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> Path:
-    """Write a binary mask (H, W) as an 8-bit grey PNG: 0 background, 255 tumour
-    (the kaggle_3m `_mask.tif` convention)."""
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"expected a mask (H, W), got shape {m.shape}")
-    return write_png(path, np.where(m.astype(bool), 255, 0).astype(np.uint8))
-
 
 def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI))

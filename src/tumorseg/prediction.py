@@ -16,22 +16,18 @@ tumour slices and tumour volume in pixels.
 from __future__ import annotations
 
 import csv
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from tumorseg.data.kaggle import _SLICE_RE, IMAGE_SUFFIXES, find_patient_dirs, read_image
+from tumorseg.data.kaggle import find_patient_dirs
+from tumorseg.data.slices import IMAGE_SUFFIXES, mask_png, read_volume, slice_images, write_png
 from tumorseg.errors import DataError
-from tumorseg.inference import (
-    binarize,
-    load_for_inference,
-    predict_volume,
-    resolve_precision,
-    select_device,
-)
+from tumorseg.fileio import prepare_output_dir
+from tumorseg.inference import Predictor
 
 
 @dataclass
@@ -40,23 +36,7 @@ class Volume:
     files: list[Path]
 
 
-def _natural_key(path: Path) -> tuple:
-    m = _SLICE_RE.match(path.name)
-    if m:
-        return (0, int(m.group("num")), path.name)
-    return (1, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)], path.name)
-
-
-def _slice_files(folder: Path) -> list[Path]:
-    files = [
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-        and not p.stem.lower().endswith(("_mask", "_pred", "_overlay"))
-    ]
-    return sorted(files, key=_natural_key)
-
-
-def collect_volumes(inputs: list[str | Path]) -> list[Volume]:
+def collect_volumes(inputs: Sequence[str | Path]) -> list[Volume]:
     """Group the inputs into volumes (see the module docstring).
 
     Raises:
@@ -73,7 +53,7 @@ def collect_volumes(inputs: list[str | Path]) -> list[Volume]:
                 raise DataError(f"{path}: not a slice image; expected .tif, .tiff or .png")
             volumes.append(Volume(path.stem, [path]))
             continue
-        files = _slice_files(path)
+        files = slice_images(path)
         if files:
             volumes.append(Volume(path.resolve().name, files))
             continue
@@ -82,7 +62,7 @@ def collect_volumes(inputs: list[str | Path]) -> list[Volume]:
         except DataError:
             raise DataError(f"{path} holds no .tif/.png slices and no patient folders") from None
         for p in patients:
-            files = _slice_files(p)
+            files = slice_images(p)
             if not files:
                 raise DataError(f"{p} holds only masks, no image slices to predict on")
             volumes.append(Volume(p.name, files))
@@ -91,18 +71,6 @@ def collect_volumes(inputs: list[str | Path]) -> list[Volume]:
     if dup:
         raise DataError(f"two inputs have the same name {dup[0]!r}; their outputs would collide")
     return volumes
-
-
-def read_volume(volume: Volume) -> np.ndarray:
-    """uint8 (S, H, W, 3). Raises DataError on unreadable slices or mixed sizes."""
-    slices = []
-    for f in volume.files:
-        img = read_image(f)
-        if slices and img.shape != slices[0].shape:
-            raise DataError(f"{f}: size {img.shape[1]}x{img.shape[0]} differs from the other slices "
-                            f"of {volume.name} ({slices[0].shape[1]}x{slices[0].shape[0]})")
-        slices.append(img)
-    return np.stack(slices)
 
 
 @dataclass
@@ -114,35 +82,40 @@ class VolumeSummary:
 
 
 def predict(
-    inputs: list[str | Path],
+    inputs: Sequence[str | Path],
     out_dir: str | Path,
     *,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | Sequence[str | Path] | None = None,
     threshold: float | None = None,
     postprocess: str | None = None,
     overlay: bool = False,
-    tta: bool = False,
+    tta: bool | None = None,
     precision: str = "auto",
-    device: str = "auto",
+    device: str | torch.device = "auto",
     batch_size: int = 16,
     show_progress: bool = True,
+    predictor: Predictor | None = None,
 ) -> list[VolumeSummary]:
-    """Predict tumour masks for `inputs` and write them under `out_dir`."""
-    from tumorseg.plots import mask_png, write_png
+    """Predict tumour masks for `inputs` and write them under `out_dir`.
+
+    The model is `predictor`, or `Predictor.from_checkpoints(checkpoint, ...)` (None: the
+    shipped model) with threshold/postprocess/tta overriding its stored settings.
+
+    Raises:
+        TumorsegError: bad inputs, settings or checkpoint, or an unusable out_dir; checked
+            before any prediction runs.
+    """
     from tumorseg.plots import overlay as make_overlay
 
     volumes = collect_volumes(inputs)
-    dev = select_device(device)
-    loaded = load_for_inference(checkpoint, dev)
-    threshold = loaded.threshold if threshold is None else threshold
-    postprocess = loaded.postprocess if postprocess is None else postprocess
-    dtype = resolve_precision(precision, dev)
-    out = Path(out_dir)
+    out = prepare_output_dir(out_dir)
+    if predictor is None:
+        predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess, tta=tta,
+                                               device=device, precision=precision, batch_size=batch_size)
     summaries = []
     for vol in tqdm(volumes, desc="predicting", unit="volume", disable=not show_progress or len(volumes) < 2):
-        images = read_volume(vol)
-        probs = predict_volume(loaded, images, device=dev, dtype=dtype, batch_size=batch_size, tta=tta)
-        masks = binarize(probs, threshold, postprocess)
+        images = read_volume(vol.files, vol.name)
+        masks = predictor.segment(images).mask
         vdir = out / vol.name
         vdir.mkdir(parents=True, exist_ok=True)
         for f, img, m in zip(vol.files, images, masks, strict=True):
@@ -151,7 +124,6 @@ def predict(
                 write_png(vdir / f"{f.stem}_overlay.png", make_overlay(img, m))
         summaries.append(VolumeSummary(vol.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()),
                                        int(masks.sum())))
-    out.mkdir(parents=True, exist_ok=True)
     with (out / "summary.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["volume", "slices", "tumour_slices", "tumour_pixels"])

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from tumorseg.config import NORM_PERCENTILES
 from tumorseg.data.kaggle import find_patient_dirs, list_slices, read_metadata, read_patient
+from tumorseg.data.normalization import volume_percentiles
 from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write, atomic_write_text
 
@@ -56,15 +57,6 @@ def file_fingerprint(paths: list[Path]) -> str:
         st = p.stat()
         h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-def volume_percentiles(
-    images: np.ndarray, percentiles: tuple[float, float] = NORM_PERCENTILES
-) -> tuple[list[float], list[float]]:
-    """Per-channel (low, high) percentiles over a volume uint8 (S, H, W, C)."""
-    flat = images.reshape(-1, images.shape[-1])
-    q = np.percentile(flat, list(percentiles), axis=0)
-    return [float(v) for v in q[0]], [float(v) for v in q[1]]
 
 
 def default_cache_dir(raw_root: str | Path) -> Path:

@@ -16,28 +16,8 @@ from torch.utils.data import Dataset
 
 from tumorseg.config import CHANNELS, channel_indices
 from tumorseg.data.cache import Cache
+from tumorseg.data.normalization import normalize
 from tumorseg.errors import DataError
-
-
-def normalize(
-    images: torch.Tensor, low: torch.Tensor, high: torch.Tensor
-) -> torch.Tensor:
-    """Per-patient percentile normalisation of the original: clip((x-low)/(high-low), 0, 1).
-
-    Args:
-        images: (B, C, H, W) uint8 or float raw intensities.
-        low, high: (B, C) or (C,) per-channel statistics of each image's patient volume.
-            A channel with high <= low (a constant volume) maps to 0.
-    Returns:
-        float32 (B, C, H, W) in [0, 1].
-    """
-    low = low.to(torch.float32)
-    high = high.to(torch.float32)
-    if low.dim() == 1:
-        low, high = low[None], high[None]
-    scale = torch.where(high > low, 1.0 / (high - low).clamp_min(1e-6), torch.zeros_like(low))
-    x = images.to(torch.float32)
-    return ((x - low[:, :, None, None]) * scale[:, :, None, None]).clamp_(0.0, 1.0)
 
 
 class LGGDataset(Dataset):

@@ -12,17 +12,13 @@
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from tumorseg.data.slices import SLICE_RE, read_mask, read_volume
 from tumorseg.errors import DataError
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
-_SLICE_RE = re.compile(r"^(?P<stem>.+?)_(?P<num>\d+)(?P<mask>_mask)?\.(?P<ext>tiff?|png)$", re.I)
 
 
 @dataclass(frozen=True)
@@ -36,7 +32,7 @@ class SliceFiles:
 
 def is_patient_dir(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and any(
-        _SLICE_RE.match(p.name) and not p.name.startswith(".") for p in path.iterdir()
+        SLICE_RE.match(p.name) and not p.name.startswith(".") for p in path.iterdir()
     )
 
 
@@ -83,7 +79,7 @@ def list_slices(patient_dir: str | Path, require_masks: bool = True) -> list[Sli
     images: dict[int, Path] = {}
     masks: dict[int, Path] = {}
     for p in patient_dir.iterdir():
-        m = _SLICE_RE.match(p.name)
+        m = SLICE_RE.match(p.name)
         if p.name.startswith(".") or not m or not p.is_file():
             continue
         num = int(m.group("num"))
@@ -106,47 +102,6 @@ def list_slices(patient_dir: str | Path, require_masks: bool = True) -> list[Sli
     return [SliceFiles(n, images[n], masks.get(n)) for n in sorted(images)]
 
 
-def _open(path: Path) -> Image.Image:
-    try:
-        im = Image.open(path)
-        im.load()  # decode now so that truncated files fail here, not later
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: unreadable or truncated image ({e}); re-download this file") from e
-    return im
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image slice as uint8 (H, W, 3) in the order pre-contrast, FLAIR, post-contrast.
-
-    Raises:
-        DataError: unreadable file, not 8-bit, or not 3 channels.
-    """
-    path = Path(path)
-    im = _open(path)
-    if im.mode != "RGB":
-        bands = len(im.getbands())
-        if im.mode in ("L", "P", "1", "RGBA", "LA", "CMYK"):
-            raise DataError(f"{path}: expected 3 channels (pre-contrast, FLAIR, post-contrast), "
-                            f"got {bands} (mode {im.mode})")
-        raise DataError(f"{path}: expected 8-bit pixels (uint8), got image mode {im.mode}")
-    return np.asarray(im, dtype=np.uint8)
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask slice as uint8 (H, W) with values 0/1 (source 0/255; > 127 is tumour).
-
-    Raises:
-        DataError: unreadable file, not a single 8-bit channel.
-    """
-    path = Path(path)
-    im = _open(path)
-    if im.mode == "1":
-        im = im.convert("L")
-    if im.mode != "L":
-        raise DataError(f"{path}: expected a single-channel 8-bit mask (0/255), got mode {im.mode}")
-    return (np.asarray(im, dtype=np.uint8) > 127).astype(np.uint8)
-
-
 def read_patient(
     patient_dir: str | Path, require_masks: bool = True
 ) -> tuple[list[int], np.ndarray, np.ndarray | None]:
@@ -161,26 +116,17 @@ def read_patient(
     """
     files = list_slices(patient_dir, require_masks=require_masks)
     has_masks = all(f.mask is not None for f in files)  # some missing: treated as unlabelled
-    images, masks = [], []
-    for f in files:
-        img = read_image(f.image)
-        if images and img.shape != images[0].shape:
-            raise DataError(f"{f.image}: size {img.shape[1]}x{img.shape[0]} differs from "
-                            f"{images[0].shape[1]}x{images[0].shape[0]} of the other slices of "
-                            "this patient; all slices of a patient must have one size")
-        images.append(img)
-        if has_masks:
-            assert f.mask is not None
+    images = read_volume([f.image for f in files], f"patient {Path(patient_dir).name}")
+    masks = []
+    if has_masks:
+        for f, img in zip(files, images, strict=True):
+            assert f.mask is not None  # has_masks
             mask = read_mask(f.mask)
             if mask.shape != img.shape[:2]:
                 raise DataError(f"{f.mask}: size {mask.shape[1]}x{mask.shape[0]} differs from its "
                                 f"image {img.shape[1]}x{img.shape[0]}")
             masks.append(mask)
-    return (
-        [f.number for f in files],
-        np.stack(images),
-        np.stack(masks) if has_masks else None,
-    )
+    return [f.number for f in files], images, np.stack(masks) if has_masks else None
 
 
 def read_metadata(root: str | Path) -> dict[str, dict[str, str]]:

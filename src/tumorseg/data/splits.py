@@ -76,11 +76,13 @@ def load_split(path: str | Path) -> Split:
         TumorsegError: unreadable file or overlapping parts.
     """
     path = Path(path)
+    if not path.is_file():
+        raise TumorsegError(f"split file {path} does not exist; pass the splits.json of a run")
     try:
         d = json.loads(path.read_text())
         split = Split(folds=[list(f) for f in d["folds"]], test=list(d.get("test", [])),
                       seed=int(d.get("seed", 0)))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise TumorsegError(f"{path}: not a readable split file ({e})") from e
     seen: dict[str, str] = {}
     parts = [("test", split.test)] + [(f"fold {i}", f) for i, f in enumerate(split.folds)]
@@ -90,3 +92,18 @@ def load_split(path: str | Path) -> Split:
                 raise TumorsegError(f"{path}: patient {p} is in both {seen[p]} and {name}")
             seen[p] = name
     return split
+
+
+def held_out_patients(path: str | Path, fold: int | None = None) -> list[str]:
+    """The patients a run never trained on: the validation patients of `fold`, or, when
+    `fold` is None, the split's test patients.
+
+    Raises:
+        TumorsegError: unreadable split, unknown fold, or a split without test patients.
+    """
+    split = load_split(path)
+    if fold is not None:
+        return split.val(fold)
+    if not split.test:
+        raise TumorsegError(f"{path} has no test patients; pass --fold K to evaluate a validation fold")
+    return sorted(split.test)

@@ -1,12 +1,11 @@
-"""Augmentation: geometric transforms shared by image and mask, crops, simulated missing sequences."""
+"""data.transforms: geometric transforms shared by image and mask, crops, simulated missing sequences."""
 
 from __future__ import annotations
 
 import torch
 
-from tumorseg.augment import augment_batch, crop_batch, replace_sequences
-from tumorseg.config import TrainConfig, preset, replace_config
-from tumorseg.engine import make_training_batch
+from tumorseg.config import preset
+from tumorseg.data.transforms import augment_batch, crop_batch, replace_sequences
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -90,45 +89,6 @@ def test_replace_sequences_rate_and_no_op():
     state = g.get_state()
     assert torch.equal(replace_sequences(images.clone(), 1, [0, 2], 0.0, g), images)
     assert torch.equal(g.get_state(), state)  # p = 0 draws nothing: other randomness is unchanged
-
-
-def _arrays(raw: torch.Tensor):
-    from tumorseg.data.dataset import SliceArrays
-
-    n, c = raw.shape[:2]
-    return SliceArrays(images=raw, masks=torch.zeros(n, 1, *raw.shape[-2:], dtype=torch.uint8),
-                       low=torch.zeros(n, c), high=torch.full((n, c), 255.0),
-                       patient_index=torch.zeros(n, dtype=torch.long),
-                       slice_numbers=torch.arange(n) + 1, patients=["p"])
-
-
-def _flair_copies(x: torch.Tensor, flair: int) -> int:
-    """How many (image, channel) pairs are an affine copy of the image's `flair` channel
-    (augmentation jitters each channel's gain and offset and clamps, so compare correlations)."""
-    count = 0
-    for i in range(x.shape[0]):
-        for c in range(x.shape[1]):
-            if c != flair:
-                r = torch.corrcoef(torch.stack([x[i, flair].flatten(), x[i, c].flatten()]))[0, 1]
-                count += int(r > 0.9)  # unrelated channels of random data: |r| near 0
-    return count
-
-
-def test_training_batch_simulates_missing_sequences_only_when_flair_is_an_input():
-    n = 16
-    raw = torch.randint(1, 255, (n, 3, 16, 16), dtype=torch.uint8, generator=_gen())
-    base = {"crop": 0, "augment": True}
-    on = replace_config(TrainConfig(), {**base, "sequence_dropout": 1.0})
-    x, _ = make_training_batch(_arrays(raw), torch.arange(n), on, 0, 0)
-    assert _flair_copies(x, 1) >= n  # every slice lost at least one of its two other sequences
-    off = replace_config(TrainConfig(), {**base, "sequence_dropout": 0.0})
-    x, _ = make_training_batch(_arrays(raw), torch.arange(n), off, 0, 0)
-    assert _flair_copies(x, 1) == 0
-    # Without FLAIR among the inputs there is nothing to copy from.
-    no_flair = replace_config(TrainConfig(), {**base, "sequence_dropout": 1.0,
-                                              "channels": ("pre-contrast", "post-contrast")})
-    x, _ = make_training_batch(_arrays(raw[:, [0, 2]]), torch.arange(n), no_flair, 0, 0)
-    assert _flair_copies(x, 0) == 0
 
 
 def test_seed_preset_never_replaces_sequences():

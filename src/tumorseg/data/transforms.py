@@ -1,4 +1,4 @@
-"""Augmentation and cropping on whole batches of (image, mask) tensors.
+"""Augmentation and cropping on whole batches of (image, mask) tensors, together.
 
 Image and mask always receive the same geometric transform; the mask is resampled with
 nearest-neighbour interpolation so that it stays binary. All randomness comes from the

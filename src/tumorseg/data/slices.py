@@ -1,0 +1,128 @@
+"""Slice image files in and out: the one reader of `.tif`/`.png` slices and masks, shared
+by the kaggle_3m data path and the prediction path, and the writers of mask PNGs.
+
+Naming: a slice is `<stem>_<n>.<ext>` and its mask `<stem>_<n>_mask.<ext>`; slices are
+ordered by `n` numerically (2 before 10). Other names in a folder of slices are ordered
+naturally (digit runs compared as numbers).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tumorseg.errors import DataError
+from tumorseg.fileio import atomic_write
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+SLICE_RE = re.compile(r"^(?P<stem>.+?)_(?P<num>\d+)(?P<mask>_mask)?\.(?P<ext>tiff?|png)$", re.I)
+# Files that tumorseg itself writes next to slices; never read back as input.
+OUTPUT_SUFFIXES = ("_mask", "_pred", "_overlay")
+
+
+def slice_number(path: Path) -> int | None:
+    """The `n` of `<stem>_<n>.tif` (None for other names)."""
+    m = SLICE_RE.match(path.name)
+    return int(m.group("num")) if m else None
+
+
+def slice_sort_key(path: Path) -> tuple:
+    """Numeric order of slice numbers, then natural order of other names."""
+    n = slice_number(path)
+    if n is not None:
+        return (0, n, path.name)
+    return (1, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)], path.name)
+
+
+def slice_images(folder: Path) -> list[Path]:
+    """The image slices of a folder in slice order: `.tif/.tiff/.png` files that are not
+    hidden and not masks or tumorseg outputs."""
+    files = [
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        and not p.stem.lower().endswith(OUTPUT_SUFFIXES)
+    ]
+    return sorted(files, key=slice_sort_key)
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()  # decode now so that truncated files fail here, not later
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated image ({e}); re-download this file") from e
+    return im
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image slice as uint8 (H, W, 3) in the order pre-contrast, FLAIR, post-contrast.
+
+    Raises:
+        DataError: unreadable file, not 8-bit, or not 3 channels.
+    """
+    path = Path(path)
+    im = _open(path)
+    if im.mode != "RGB":
+        bands = len(im.getbands())
+        if im.mode in ("L", "P", "1", "RGBA", "LA", "CMYK"):
+            raise DataError(f"{path}: expected 3 channels (pre-contrast, FLAIR, post-contrast), "
+                            f"got {bands} (mode {im.mode})")
+        raise DataError(f"{path}: expected 8-bit pixels (uint8), got image mode {im.mode}")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a mask slice as uint8 (H, W) with values 0/1 (source 0/255; > 127 is tumour).
+
+    Raises:
+        DataError: unreadable file, not a single 8-bit channel.
+    """
+    path = Path(path)
+    im = _open(path)
+    if im.mode == "1":
+        im = im.convert("L")
+    if im.mode != "L":
+        raise DataError(f"{path}: expected a single-channel 8-bit mask (0/255), got mode {im.mode}")
+    return (np.asarray(im, dtype=np.uint8) > 127).astype(np.uint8)
+
+
+def read_volume(files: Sequence[Path], name: str) -> np.ndarray:
+    """Read the image slices `files` (in order) of volume `name` as uint8 (S, H, W, 3).
+
+    Raises:
+        DataError: an unreadable slice, or slices of different sizes.
+    """
+    slices: list[np.ndarray] = []
+    for f in files:
+        img = read_image(f)
+        if slices and img.shape != slices[0].shape:
+            raise DataError(f"{f}: size {img.shape[1]}x{img.shape[0]} differs from "
+                            f"{slices[0].shape[1]}x{slices[0].shape[0]} of the other slices of {name}; "
+                            "all slices of a volume must have one size")
+        slices.append(img)
+    if not slices:
+        raise DataError(f"{name}: no image slices")
+    return np.stack(slices)
+
+
+def write_png(path: str | os.PathLike[str], pixels: np.ndarray) -> Path:
+    """Write uint8 RGB (H, W, 3) or grey (H, W) pixels to a PNG, atomically."""
+    arr = np.asarray(pixels)
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"expected uint8 (H, W, 3) or (H, W), got {arr.dtype} {arr.shape}")
+    img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.ndim == 3 else "L")
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> Path:
+    """Write a binary mask (H, W) as an 8-bit grey PNG: 0 background, 255 tumour
+    (the kaggle_3m `_mask.tif` convention)."""
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"expected a mask (H, W), got shape {m.shape}")
+    return write_png(path, np.where(m.astype(bool), 255, 0).astype(np.uint8))
