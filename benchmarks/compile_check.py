@@ -17,8 +17,9 @@ import torch
 import torch._dynamo
 
 from tumorseg.config import preset
-from tumorseg.inference import autocast, fuse_batchnorm, resolve_precision
+from tumorseg.inference import fuse_batchnorm
 from tumorseg.model import UNet
+from tumorseg.runtime import autocast, resolve_precision
 
 
 def main() -> None:

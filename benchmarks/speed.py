@@ -4,8 +4,8 @@
 
 One run, one machine, the same restored LGG slices, batch size 8 for training. Rows:
 
-baseline            the original pipeline, re-created in this file (it is not part of the
-                    package): depth-4 U-Net with 32 features at every level, skip
+baseline            the original pipeline, re-created in original_pipeline.py (it is not
+                    part of the package): depth-4 U-Net with 32 features at every level, skip
                     connections through forward hooks and a stack on the module, sigmoid in
                     `forward`, batch-pooled Dice loss on probabilities, Adam 1e-4, fp32,
                     NCHW, whole 256x256 slices read one by one from an HDF5 file of float16
@@ -15,11 +15,11 @@ tumorseg same-arch  the original architecture (`UNet(n_features=32, depth=4)`) o
                     normalisation, augmentation, bce_dice, autocast, channels_last): shows
                     how much comes from precision/layout/data path alone.
 tumorseg default    what `tumorseg train` / `tumorseg predict` run with their defaults
-                    (`preset("default")`: widths 16-32-64-128, 128x128 crops, bf16 where the
-                    CPU has native bf16, channels_last). Training throughput counts crops.
+                    (`preset("default")`: depth 5, widths 16-32-64-128-128, 160x160 crops,
+                    precision "auto", channels_last). Training throughput counts crops.
 
 Training is timed through `tumorseg.engine.train_one_epoch` itself (epoch of `steps`
-batches); inference through `tumorseg.inference.predict_probabilities` (batch 16) on whole
+batches); inference through `tumorseg.Predictor.predict` (batch 16) on whole
 slices, normalised from uint8 inside the timed region (the counterpart of the baseline's
 HDF5 reads). Rows are timed round-robin, so a change of background load hits all of them;
 every figure is the median over repetitions, after a warm-up of one step and one batch per
@@ -45,16 +45,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
-import numpy as np
 import torch
+from original_pipeline import (
+    BATCH_SIZE,
+    SEED,
+    OriginalUNet,
+    baseline_loader,
+    baseline_step,
+    check_baseline_layout,
+    cycle,
+    original_dice_loss,
+    write_hdf5,
+)
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from tumorseg.config import TrainConfig, preset, replace_config
@@ -63,161 +71,15 @@ from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.splits import make_split
 from tumorseg.engine import EpochProgress, build_training, train_one_epoch
 from tumorseg.errors import TumorsegError
-from tumorseg.inference import (
-    autocast,
-    cpu_has_native_bf16,
-    fuse_batchnorm,
-    predict_probabilities,
-    resolve_precision,
-)
+from tumorseg.inference import Predictor
 from tumorseg.losses import make_loss
 from tumorseg.model import UNet
+from tumorseg.runtime import autocast, cpu_has_native_bf16, resolve_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKED_LGG = REPO_ROOT.parent / "shared" / "data" / "lgg"
-SEED_CHECKPOINT = REPO_ROOT.parent / "shared" / "seed" / "unet.pt"
-BATCH_SIZE = 8  # training batch of every row (the original's)
 INFER_BATCH_TUMORSEG = 16  # `tumorseg predict`'s batch
-SEED = 0
 GIB = 2**30
-
-
-# ============================================================ the original pipeline (baseline)
-
-
-class OriginalBlock(nn.Module):
-    """conv3x3(bias) -> BN -> ReLU -> conv3x3(bias) -> BN -> ReLU, named as in `unet.pt`."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        # In-place as tumorseg's Block, so that the comparison does not hinge on it.
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(x)))
-
-
-class OriginalUNet(nn.Module):
-    """The original U-Net: every level `n_features` wide, one `nn.Sequential` `layers`,
-    skips through forward hooks and the stack `self.activations` kept on the module, and
-    probabilities (sigmoid) out of `forward`. (B, 3, H, W) -> (B, 1, H, W)."""
-
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, n_features: int = 32, depth: int = 4):
-        super().__init__()
-        self.activations: list[torch.Tensor] = []
-        layers: list[nn.Module] = []
-        prev = in_channels
-        for _ in range(depth - 1):
-            block = OriginalBlock(prev, n_features)
-            block.register_forward_hook(self._push)
-            layers += [block, nn.MaxPool2d(2)]
-            prev = n_features
-        layers.append(OriginalBlock(n_features, n_features))
-        for _ in range(depth - 1):
-            up = nn.ConvTranspose2d(n_features, n_features, kernel_size=2, stride=2, bias=False)
-            up.register_forward_hook(self._pop)
-            layers += [up, OriginalBlock(2 * n_features, n_features)]
-        layers.append(nn.Conv2d(n_features, out_channels, kernel_size=1))
-        self.layers = nn.Sequential(*layers)
-
-    def _push(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        self.activations.append(output)
-
-    def _pop(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        return torch.cat((output, self.activations.pop()), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.layers(x))
-
-
-def baseline_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One training step of the original pipeline (which logs the loss every step)."""
-    loss = original_dice_loss(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
-
-
-def original_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """1 - (2*sum(p*g) + 1) / (sum(p) + sum(g) + 1) on probabilities, pooled over the batch."""
-    p, g = pred[:, 0].contiguous().view(-1), target[:, 0].contiguous().view(-1)
-    inter = (p * g).sum()
-    return 1.0 - (2.0 * inter + smooth) / (p.sum() + g.sum() + smooth)
-
-
-class MRIDataset(Dataset):
-    """The original's per-item access: each item opens the HDF5 file, reads one float16
-    image (3, H, W) and mask (1, H, W) and converts them to float32 tensors."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with h5py.File(path, "r") as f:
-            self.n = int(f["images"].shape[0])
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with h5py.File(self.path, "r") as f:
-            image = torch.from_numpy(f["images"][i].astype(np.float32))
-            mask = torch.from_numpy(f["masks"][i].astype(np.float32))
-        return image, mask
-
-
-def write_hdf5(arrays: SliceArrays, path: Path, chunk: int = 64) -> None:
-    """The baseline's data file: images float16 (N, 3, H, W) normalised per patient volume
-    (10th/99th percentile per channel, clipped to [0, 1]) and masks float16 (N, 1, H, W)."""
-    n = len(arrays)
-    with h5py.File(path, "w") as f:
-        images = f.create_dataset("images", (n, *arrays.images.shape[1:]), dtype="float16")
-        masks = f.create_dataset("masks", (n, *arrays.masks.shape[1:]), dtype="float16")
-        for start in range(0, n, chunk):
-            idx = torch.arange(start, min(start + chunk, n))
-            x, y = arrays.batch(idx)
-            images[start:start + len(idx)] = x.numpy().astype(np.float16)
-            masks[start:start + len(idx)] = y.numpy().astype(np.float16)
-
-
-def baseline_loader(path: Path, shuffle: bool) -> DataLoader:
-    return DataLoader(MRIDataset(path), batch_size=BATCH_SIZE, shuffle=shuffle, num_workers=0,
-                      generator=torch.Generator().manual_seed(SEED))
-
-
-def cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of `loader` without end (a new epoch, reshuffled, when one runs out)."""
-    while True:
-        yield from loader
-
-
-def check_baseline_layout(model: OriginalUNet) -> dict[str, bool]:
-    """Check that the re-created original matches tumorseg's UNet(32, depth 4) (same state
-    dict, same probabilities) and, where it is present, the published `unet.pt`.
-
-    Raises:
-        RuntimeError: the re-creation is not the architecture it claims to be.
-    """
-    same = UNet(n_features=32, depth=4)
-    same.load_state_dict(model.state_dict())
-    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(SEED))
-    model.eval()
-    same.eval()
-    with torch.no_grad():
-        diff = float((model(x) - torch.sigmoid(same(x))).abs().max())
-    model.train()
-    if diff > 1e-5:
-        raise RuntimeError(f"baseline U-Net differs from tumorseg UNet(32, depth 4): max |dp| = {diff}")
-    checked = False
-    if SEED_CHECKPOINT.is_file():
-        state = torch.load(SEED_CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
-        OriginalUNet().load_state_dict(state)  # strict: raises on any layout difference
-        checked = True
-    return {"matches_tumorseg_unet_32x4": True, "loads_published_unet_pt": checked}
 
 
 # ============================================================ measurement helpers
@@ -361,12 +223,12 @@ def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays) -
         return time.perf_counter() - t0
 
     def infer(n: int) -> float:
-        # As `tumorseg predict`/`evaluate` load a model: BatchNorm folded into the convolutions.
-        fused = fuse_batchnorm(model.eval()).to(memory_format=torch.channels_last)
+        # The Predictor of `tumorseg predict`/`evaluate`: BatchNorm folded into the convolutions.
+        predictor = Predictor([model.eval()], channels=cfg.channels, device=device, precision=cfg.precision,
+                              batch_size=INFER_BATCH_TUMORSEG, channels_last=cfg.channels_last)
         t0 = time.perf_counter()
         images, _ = arrays.batch(order[:n])
-        predict_probabilities(fused, images, batch_size=INFER_BATCH_TUMORSEG, device=device, dtype=dtype,
-                              channels_last=cfg.channels_last)
+        predictor.predict(images)
         return time.perf_counter() - t0
 
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"

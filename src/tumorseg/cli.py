@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="JSON/TOML/YAML file of config fields (default: none)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="seed = the original recipe; default = tumorseg's recipe (default: default)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<preset>-fold<K>)")
+    p.add_argument("--out", default=None,
+                   help="run folder (default: runs/<preset>-fold<K>, or runs/<preset>-all with --fold -1)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last.pt (default: start a new run)")
     p.add_argument("--split", default=None, help="use this splits.json instead of making one (default: none)")

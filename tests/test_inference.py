@@ -1,0 +1,192 @@
+"""inference.Predictor: one model or an ensemble, chunking, TTA, logits, normalisation,
+whole-volume segmentation, and loading from checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tumorseg.checkpoint import Checkpoint, save_checkpoint
+from tumorseg.config import InferenceConfig
+from tumorseg.errors import CheckpointError, ConfigError
+from tumorseg.inference import Predictor
+from tumorseg.model import UNet
+
+
+class Constant(nn.Module):
+    """Logits equal to `value` everywhere: (B, C, H, W) -> (B, 1, H, W)."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1, *x.shape[-2:]), self.value) + 0 * self.dummy
+
+
+class LeftHalf(nn.Module):
+    """Logit +4 on the left half of the image, -4 on the right (not flip-invariant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.full((x.shape[0], 1, *x.shape[-2:]), -4.0)
+        z[..., : x.shape[-1] // 2] = 4.0
+        return z + 0 * self.dummy
+
+
+class CountCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.batches: list[int] = []
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return x[:, :1] * 2 - 1 + 0 * self.dummy
+
+
+def predictor(*models: nn.Module, **kw) -> Predictor:
+    return Predictor(list(models), fuse=False, device="cpu", precision="fp32", channels_last=False, **kw)
+
+
+def test_probabilities_and_logits_of_one_model():
+    out = predictor(Constant(2.0)).predict(torch.rand(3, 3, 5, 7), logits=True)
+    assert out.probabilities.shape == out.logits.shape == (3, 1, 5, 7)
+    assert torch.allclose(out.probabilities, torch.full((3, 1, 5, 7), 1 / (1 + np.exp(-2.0))))
+    assert torch.equal(out.logits, torch.full((3, 1, 5, 7), 2.0))
+    assert predictor(Constant(2.0)).predict(torch.rand(1, 3, 4, 4)).logits is None
+
+
+def test_ensemble_averages_probabilities_not_logits():
+    # sigmoid(+3) = 0.9526, sigmoid(-1) = 0.2689: mean 0.6107 (mean logit 1 would give 0.7311)
+    out = predictor(Constant(3.0), Constant(-1.0)).predict(torch.rand(2, 3, 4, 4), logits=True)
+    expected = (torch.sigmoid(torch.tensor(3.0)) + torch.sigmoid(torch.tensor(-1.0))) / 2
+    assert torch.allclose(out.probabilities, expected.expand(2, 1, 4, 4))
+    assert torch.allclose(out.logits, torch.logit(expected).expand(2, 1, 4, 4), atol=1e-5)
+
+
+def test_tta_averages_with_the_flipped_image():
+    x = torch.rand(1, 3, 2, 4)
+    plain = predictor(LeftHalf()).predict(x).probabilities
+    assert plain[0, 0, 0].tolist() == pytest.approx([0.982, 0.982, 0.018, 0.018], abs=1e-3)
+    tta = predictor(LeftHalf(), inference=InferenceConfig(tta=True)).predict(x).probabilities
+    # The flipped prediction has tumour on the right: the mean is 0.5 everywhere.
+    assert torch.allclose(tta, torch.full_like(tta, 0.5))
+
+
+def test_chunks_of_batch_size_and_the_same_result_for_any_size():
+    model = CountCalls()
+    x = torch.rand(10, 3, 4, 4)
+    out = predictor(model, batch_size=4).predict(x)
+    assert model.batches == [4, 4, 2]
+    assert torch.equal(out.probabilities, predictor(CountCalls(), batch_size=10).predict(x).probabilities)
+
+
+def test_training_mode_is_restored_after_predicting():
+    model = UNet(n_features=2, depth=2).train()
+    predictor(model).predict(torch.rand(2, 3, 8, 8))
+    assert model.training
+    model.eval()
+    predictor(model).predict(torch.rand(2, 3, 8, 8))
+    assert not model.training
+
+
+def test_fused_predictor_matches_the_model_and_leaves_it_alone():
+    torch.manual_seed(0)
+    model = UNet(n_features=4, depth=3)
+    model.train()
+    model(torch.rand(4, 3, 16, 16))  # BatchNorm statistics that are not the defaults
+    model.eval()
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x))
+    fused = Predictor([model], device="cpu", precision="fp32")
+    assert fused.models[0] is not model and not any(isinstance(m, nn.BatchNorm2d) for m in fused.models[0].modules())
+    assert torch.allclose(fused.predict(x).probabilities, expected, atol=1e-5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_normalize_volume_selects_channels_and_uses_percentiles():
+    vol = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    vol[..., 0] = 10
+    vol[..., 1] = np.arange(16, dtype=np.uint8).reshape(4, 4) * 10  # FLAIR 0..150
+    vol[..., 2] = 200
+    p = predictor(Constant(0.0), channels=("FLAIR",), percentiles=(0.0, 100.0))
+    x = p.normalize_volume(vol)
+    assert x.shape == (2, 1, 4, 4)
+    assert torch.allclose(x[0, 0], torch.arange(16, dtype=torch.float32).reshape(4, 4) / 15)
+    # Given statistics (of all three channels) replace the volume's own.
+    y = p.normalize_volume(vol, low=[0, 0, 0], high=[255, 300, 255])
+    assert torch.allclose(y[1, 0], torch.arange(16, dtype=torch.float32).reshape(4, 4) * 10 / 300)
+    with pytest.raises(ConfigError, match=r"expected a volume \(S, H, W, 3\)"):
+        p.normalize_volume(vol[..., :2])
+
+
+def test_segment_thresholds_post_processes_and_counts_removed_voxels():
+    class TwoBlobs(nn.Module):
+        def forward(self, x):
+            z = torch.full((x.shape[0], 1, *x.shape[-2:]), -5.0)
+            z[:, :, 0:3, 0:3] = 5.0  # 9 voxels per slice
+            z[:, :, 6, 6] = 5.0  # 1 voxel per slice, not connected
+            return z
+
+    vol = np.random.default_rng(0).integers(0, 255, (2, 8, 8, 3), dtype=np.uint8)
+    seg = predictor(TwoBlobs()).segment(vol)
+    assert seg.mask.shape == seg.probabilities.shape == (2, 8, 8) and seg.mask.dtype == bool
+    assert int(seg.mask.sum()) == 20 and seg.removed_voxels == 0
+    seg = predictor(TwoBlobs(), inference=InferenceConfig(postprocess="lcc")).segment(vol)
+    assert int(seg.mask.sum()) == 18 and seg.removed_voxels == 2
+
+
+def test_bad_arguments_are_config_errors():
+    with pytest.raises(ConfigError, match="at least one model"):
+        Predictor([], device="cpu")
+    with pytest.raises(ConfigError, match="batch size must be >= 1, got 0"):
+        predictor(Constant(0.0), batch_size=0)
+    with pytest.raises(ConfigError, match=r"expected images \(N, 3, H, W\), got \(2, 1, 4, 4\)"):
+        predictor(Constant(0.0)).predict(torch.rand(2, 1, 4, 4))
+    with pytest.raises(ConfigError, match="precision must be one of auto, bf16, fp32"):
+        Predictor([Constant(0.0)], fuse=False, device="cpu", precision="fp8")
+
+
+def _save(path, model: UNet, **fields) -> None:
+    save_checkpoint(path, Checkpoint.of_model(model, **fields))
+
+
+def test_from_checkpoints_one_or_an_ensemble_with_overrides(tmp_path):
+    torch.manual_seed(0)
+    a, b = UNet(n_features=4, depth=2).eval(), UNet(n_features=4, depth=2).eval()
+    _save(tmp_path / "a.pt", a, inference=InferenceConfig(threshold=0.4, postprocess="lcc"))
+    _save(tmp_path / "b.pt", b)
+    one = Predictor.from_checkpoints(tmp_path / "a.pt", device="cpu", precision="fp32")
+    assert len(one.models) == 1 and one.inference == InferenceConfig(0.4, "lcc") and one.kind == "tumorseg"
+    both = Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], threshold=0.6, tta=True,
+                                      device="cpu", precision="fp32")
+    assert len(both.models) == 2 and both.inference == InferenceConfig(0.6, "lcc", True)
+    assert both.source == f"{tmp_path / 'a.pt'}, {tmp_path / 'b.pt'}"
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        pa = 0.5 * (torch.sigmoid(a(x)) + torch.sigmoid(a(x.flip(-1))).flip(-1))
+        pb = 0.5 * (torch.sigmoid(b(x)) + torch.sigmoid(b(x.flip(-1))).flip(-1))
+    assert torch.allclose(both.predict(x).probabilities, (pa + pb) / 2, atol=1e-5)
+    with pytest.raises(ConfigError, match="threshold must be between 0 and 1, got 5"):
+        Predictor.from_checkpoints(tmp_path / "a.pt", threshold=5, device="cpu")
+
+
+def test_an_ensemble_needs_one_input_convention(tmp_path):
+    _save(tmp_path / "three.pt", UNet(n_features=2, depth=2))
+    _save(tmp_path / "flair.pt", UNet(in_channels=1, n_features=2, depth=2), channels=("FLAIR",))
+    with pytest.raises(CheckpointError, match="an ensemble needs one input"):
+        Predictor.from_checkpoints([tmp_path / "three.pt", tmp_path / "flair.pt"], device="cpu")
+
+
+def test_shipped_model_is_the_default(tmp_path):
+    p = Predictor.from_checkpoints(device="cpu", precision="fp32")
+    assert p.source.endswith("tumorseg_lgg.pt") and p.inference.postprocess == "lcc"
+
