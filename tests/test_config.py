@@ -165,6 +165,21 @@ def test_replace_config_errors(overrides, message):
     assert str(e.value) == message
 
 
+def test_null_channels_in_a_config_file_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("channels: null\n")
+    with pytest.raises(ConfigError) as e:
+        merge_layers(None, path, {})
+    assert str(e.value) == "config field 'channels': list at least one sequence, e.g. FLAIR"
+
+
+def test_numpy_thresholds_are_plain_floats():
+    import numpy as np
+
+    cfg = InferenceConfig(threshold=np.float32(0.25))
+    assert cfg.threshold == 0.25 and type(cfg.threshold) is float
+
+
 def test_legacy_inference_fields_are_ignored():
     assert LEGACY_INFERENCE_FIELDS == ("threshold", "postprocess")
     legacy = {"threshold": 0.3, "postprocess": "lcc", "epochs": 4}
@@ -306,7 +321,7 @@ def test_presets():
     assert seed.model_config() == ModelConfig()
     assert (seed.depth, seed.n_features, seed.features, seed.lr, seed.schedule) == (4, 32, None, 1e-4, "step")
     assert (seed.loss, seed.augment, seed.precision) == ("dice", False, "fp32")
-    assert (seed.weight_decay, seed.samples_per_epoch, seed.channels_last, seed.sequence_dropout) == (0.0, 0, False, 0.0)
+    assert (seed.weight_decay, seed.samples_per_epoch, seed.channels_last) == (0.0, 0, False)
 
 
 def test_model_config_defaults_are_the_unets():

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tumorseg.data.slices import mask_png, write_png
 from tumorseg.plots import (
     contour,
     overlay,
@@ -138,26 +137,6 @@ def test_overlay_float_image_scaled() -> None:
 def test_overlay_bad_input(image: np.ndarray, pred: np.ndarray | None, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         overlay(image, pred)
-
-
-# --------------------------------------------------------------------------- PNG writers
-
-def test_write_png_and_mask_png_round_trip(tmp_path: Path) -> None:
-    rgb = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
-    write_png(tmp_path / "rgb" / "a.png", rgb)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "rgb" / "a.png")), rgb)
-    assert sorted(p.name for p in (tmp_path / "rgb").iterdir()) == ["a.png"]
-
-    mask_png(tmp_path / "m.png", SQUARE)
-    m = Image.open(tmp_path / "m.png")
-    assert m.mode == "L"
-    np.testing.assert_array_equal(np.asarray(m), np.where(SQUARE, 255, 0))
-
-
-def test_write_png_rejects_float(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="uint8"):
-        write_png(tmp_path / "x.png", np.zeros((4, 4, 3)))
-    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- figures

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -115,13 +116,15 @@ class InferenceConfig:
     tta: bool = _field(False, "average with the horizontally flipped image: true/false")
 
     def __post_init__(self) -> None:
+        real = isinstance(self.threshold, numbers.Real) and not isinstance(self.threshold, bool)
         _check([
-            (isinstance(self.threshold, (int, float)) and 0.0 < float(self.threshold) < 1.0,
+            (real and 0.0 < float(self.threshold) < 1.0,
              f"threshold must be between 0 and 1, got {self.threshold!r}"),
             (self.postprocess in POSTPROCESS_CHOICES,
              f"postprocess must be one of {', '.join(POSTPROCESS_CHOICES)}, got {self.postprocess!r}"),
             (isinstance(self.tta, bool), f"tta must be true or false, got {self.tta!r}"),
         ])
+        object.__setattr__(self, "threshold", float(self.threshold))  # a plain float, also from numpy
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,6 +209,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _coerce(name: str, value: Any, current: Any) -> Any:
     if name in ("channels", "features"):
+        if name == "channels" and value is None:
+            raise ConfigError("config field 'channels': list at least one sequence, e.g. FLAIR")
         if value is None or (name == "features" and isinstance(value, str)
                              and value.strip().lower() in ("", "none")):
             return None
@@ -252,6 +257,8 @@ def replace_config(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     for name, value in overrides.items():
         try:
             clean[name] = _coerce(name, value, getattr(cfg, name))
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config field {name!r}: cannot use {value!r} ({e})") from e
     out = dataclasses.replace(cfg, **clean)

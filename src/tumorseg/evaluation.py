@@ -25,7 +25,7 @@ from tumorseg.config import NORM_PERCENTILES
 from tumorseg.data.cache import Cache
 from tumorseg.errors import ConfigError, TumorsegError
 from tumorseg.fileio import atomic_write_text, prepare_output_dir
-from tumorseg.inference import Predictor
+from tumorseg.inference import Predictor, check_model_arguments
 from tumorseg.metrics import PatientScores, hd95, nanmean, score_patient, slice_scores
 
 PATIENT_FIELDS = ["patient", "slices", "dice", "iou", "precision", "recall", "hd95",
@@ -45,10 +45,14 @@ def check_spacing(spacing: Sequence[float] | None) -> tuple[float, float, float]
     """
     if spacing is None:
         return None
-    values = tuple(float(v) for v in spacing)
+    shown = list(spacing) if isinstance(spacing, (list, tuple)) else repr(spacing)
+    message = f"spacing must be three positive numbers (mm between slices, rows, columns), got {shown}"
+    try:
+        values = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(message) from e
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ConfigError(f"spacing must be three positive numbers (mm between slices, rows, columns), "
-                          f"got {list(spacing)}")
+        raise ConfigError(message)
     return values  # type: ignore[return-value]
 
 
@@ -109,6 +113,10 @@ def evaluate(
                             "use `tumorseg predict` for unlabelled data")
     if not names:
         raise TumorsegError("no patients to evaluate")
+    repeated = sorted({p for p in names if names.count(p) > 1})
+    if repeated:
+        raise TumorsegError(f"patient(s) listed twice: {', '.join(repeated[:5])}")
+    check_model_arguments(predictor, checkpoint=checkpoint, threshold=threshold, postprocess=postprocess, tta=tta)
     out = prepare_output_dir(out_dir)
     if predictor is None:
         predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess,

@@ -67,6 +67,19 @@ class Segmentation:
     removed_voxels: int  # voxels above the threshold that post-processing removed
 
 
+def check_model_arguments(predictor: Predictor | None, **settings: object) -> None:
+    """Refuse model settings (checkpoint, threshold, ...) next to a ready `predictor`,
+    which already holds its own; silently ignoring them would be worse.
+
+    Raises:
+        ConfigError: a setting given together with `predictor`.
+    """
+    given = [k for k, v in settings.items() if v is not None]
+    if predictor is not None and given:
+        raise ConfigError(f"pass either a predictor or {', '.join(given)}, not both; "
+                          "set them on the Predictor (Predictor.from_checkpoints)")
+
+
 class Predictor:
     """One model or an ensemble, ready to predict.
 

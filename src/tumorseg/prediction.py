@@ -27,7 +27,7 @@ from tumorseg.data.kaggle import find_patient_dirs
 from tumorseg.data.slices import IMAGE_SUFFIXES, mask_png, read_volume, slice_images, write_png
 from tumorseg.errors import DataError
 from tumorseg.fileio import prepare_output_dir
-from tumorseg.inference import Predictor
+from tumorseg.inference import Predictor, check_model_arguments
 
 
 @dataclass
@@ -107,6 +107,7 @@ def predict(
     """
     from tumorseg.plots import overlay as make_overlay
 
+    check_model_arguments(predictor, checkpoint=checkpoint, threshold=threshold, postprocess=postprocess, tta=tta)
     volumes = collect_volumes(inputs)
     out = prepare_output_dir(out_dir)
     if predictor is None:
