@@ -195,8 +195,10 @@ def test_failure_while_writing_leaves_no_temporaries(kaggle, tmp_path, monkeypat
 
     monkeypatch.setattr(np, "save", flaky_save)
     out = tmp_path / "cache"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError) as e:
         prepare(kaggle.root, out, progress=False)
+    assert str(e.value) == (f"cannot write the cache at {out} (disk full); set TUMORSEG_CACHE to a writable "
+                            "folder or pass --out to `tumorseg prepare`")
     assert temporaries(out) == []
     assert open_cache(out).patients == ["PAT_A_2001", "PAT_B_2002"]
     assert not (out / "patients" / "PAT_C_2003" / "images.npy").exists()
@@ -254,3 +256,41 @@ def test_open_cache_rejects_bad_manifest(tmp_path, manifest, fragment):
     (tmp_path / MANIFEST).write_text(manifest)
     with pytest.raises(DataError, match=fragment):
         open_cache(tmp_path)
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_clear_error(kaggle, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    with pytest.raises(DataError) as e:
+        prepare(kaggle.root, blocker / "cache", progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write the cache at {blocker / 'cache'} (Not a directory)")
+    assert msg.endswith("set TUMORSEG_CACHE to a writable folder or pass --out to `tumorseg prepare`")
+
+
+def test_a_truncated_cached_array_is_decoded_again(kaggle, tmp_path):
+    out = tmp_path / "cache"
+    prepare(kaggle.root, out, progress=False)
+    images = out / "patients" / "PAT_B_2002" / "images.npy"
+    images.write_bytes(images.read_bytes()[:200])
+    with pytest.raises(DataError) as e:
+        open_cache(out).images("PAT_B_2002")
+    assert str(e.value) == (f"{images}: missing or damaged cache file; run `tumorseg prepare "
+                            f"{kaggle.root.resolve()}` to rebuild it")
+    cache = prepare(kaggle.root, out, progress=False)
+    assert np.array_equal(cache.images("PAT_B_2002"), kaggle.images["PAT_B_2002"])
+
+
+def test_a_failed_first_prepare_leaves_no_folders(kaggle, tmp_path):
+    (kaggle.root / "PAT_A_2001" / "PAT_A_2001_1_mask.tif").unlink()
+    out = tmp_path / "cache"
+    with pytest.raises(DataError, match="image without its mask"):
+        prepare(kaggle.root, out, progress=False)
+    assert not out.exists()
+
+
+def test_a_binary_data_csv_warns_and_goes_on_without_metadata(kaggle, tmp_path):
+    (kaggle.root / "data.csv").write_bytes(b"\xff\xfe\x00garbage\x00\x81" * 10)
+    with pytest.warns(UserWarning, match="data.csv: unreadable metadata table"):
+        cache = prepare(kaggle.root, tmp_path / "cache", progress=False)
+    assert cache.metadata == {} and cache.patients == kaggle.patients

@@ -150,28 +150,41 @@ def test_non_image_file_named_like_a_slice(kaggle):
     assert str(path) in msg and "unreadable or truncated image" in msg
 
 
-def test_16_bit_image(kaggle):
+TO_8_BIT = ("rescale each sequence linearly to 0-255 with one scale for all slices of the volume, "
+            "e.g. numpy: (x * 255.0 / x.max()).astype('uint8'), and save 8-bit")
+
+
+@pytest.mark.parametrize(
+    ("array", "mode", "depth"),
+    [(np.full((32, 32), 1000, dtype=np.uint16), "I;16", "16-bit"),
+     (np.full((32, 32), 0.5, dtype=np.float32), "F", "32-bit float")],
+)
+def test_other_bit_depths_say_how_to_convert(kaggle, array, mode, depth):
     path = kaggle.image_path("PAT_B_2002", 2)
-    Image.fromarray(np.full((32, 32), 1000, dtype=np.uint16)).save(path)
-    assert Image.open(path).mode == "I;16"
+    Image.fromarray(array).save(path)
+    assert Image.open(path).mode == mode
     msg = error_of(read_patient, kaggle.root / "PAT_B_2002")
-    assert str(path) in msg and "expected 8-bit pixels (uint8), got image mode I;16" in msg
+    assert msg == f"{path}: {depth} pixels (mode {mode}), expected 8-bit (uint8); {TO_8_BIT}"
 
 
 def test_16_bit_mask(kaggle):
     path = kaggle.mask_path("PAT_B_2002", 2)
     Image.fromarray(np.full((32, 32), 65535, dtype=np.uint16)).save(path)
     msg = error_of(read_patient, kaggle.root / "PAT_B_2002")
-    assert str(path) in msg and "expected a single-channel 8-bit mask" in msg and "I;16" in msg
+    assert msg == (f"{path}: expected a single-channel 8-bit mask (0/255), got mode I;16; save masks as "
+                   "8-bit grey images, 0 for background and 255 for tumour")
+
+
+RGB_ADVICE = "save the three sequences as the channels of an 8-bit RGB image"
 
 
 @pytest.mark.parametrize(
     "array, expected",
     [
         (np.zeros((32, 32), np.uint8), "expected 3 channels (pre-contrast, FLAIR, post-contrast), "
-                                       "got 1 (mode L)"),
+                                       f"got 1 (mode L); {RGB_ADVICE}"),
         (np.zeros((32, 32, 4), np.uint8), "expected 3 channels (pre-contrast, FLAIR, "
-                                          "post-contrast), got 4 (mode RGBA)"),
+                                          f"post-contrast), got 4 (mode RGBA); {RGB_ADVICE}"),
     ],
 )
 def test_wrong_channel_count(kaggle, array, expected):
@@ -181,11 +194,20 @@ def test_wrong_channel_count(kaggle, array, expected):
     assert msg == f"{path}: {expected}"
 
 
+def test_palette_image_is_named_as_such(kaggle):
+    path = kaggle.image_path("PAT_B_2002", 5).with_suffix(".png")
+    kaggle.image_path("PAT_B_2002", 5).unlink()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).convert("P").save(path)
+    msg = error_of(read_patient, kaggle.root / "PAT_B_2002")
+    assert msg == (f"{path}: a palette image (mode P), not an MRI slice; save the three sequences "
+                   "(pre-contrast, FLAIR, post-contrast) as the channels of an 8-bit RGB image")
+
+
 def test_rgb_mask_is_rejected(kaggle):
     path = kaggle.mask_path("PAT_B_2002", 1)
     write_rgb(path, np.zeros((32, 32, 3), np.uint8))
     msg = error_of(read_mask, path)
-    assert msg == f"{path}: expected a single-channel 8-bit mask (0/255), got mode RGB"
+    assert msg.startswith(f"{path}: expected a single-channel 8-bit mask (0/255), got mode RGB; save masks")
 
 
 def test_slices_of_different_sizes(kaggle):

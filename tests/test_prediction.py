@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,52 @@ def test_bad_input_fails_before_out_is_made(inputs, tmp_path, monkeypatch):
         predict([scan, tmp_path / "missing"], tmp_path / "out", predictor=flair_predictor(), show_progress=False)
     assert str(e.value).startswith(f"{tmp_path / 'missing'} does not exist")
     assert not (tmp_path / "out").exists()
+
+
+def _merge_many(args):
+    from tumorseg.prediction import VolumeSummary, merge_summary
+
+    path, prefix, n = args
+    for i in range(n):
+        merge_summary(Path(path), [VolumeSummary(f"{prefix}{i:03d}", i, 0, 0)])
+
+
+def test_concurrent_summary_merges_lose_no_row(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "summary.csv"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        pool.map(_merge_many, [(str(path), p, 40) for p in ("a", "b", "c")])
+    rows = read_summary(path)
+    assert rows[0] == ["volume", "slices", "tumour_slices", "tumour_pixels"]
+    assert [r[0] for r in rows[1:]] == sorted(f"{p}{i:03d}" for p in "abc" for i in range(40))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+
+
+def test_two_predict_runs_into_one_folder_keep_every_row(kaggle, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    runs = [subprocess.Popen([sys.executable, "-m", "tumorseg", "predict", str(kaggle.root / p), "--out", str(out),
+                              "--no-progress", "--precision", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for p in ("PAT_A_2001", "PAT_B_2002")]
+    for r in runs:
+        _, err = r.communicate(timeout=300)
+        assert r.returncode == 0, err.decode()
+    # and a third run, afterwards, on one of the same patients and a new one
+    predict([kaggle.root / "PAT_B_2002", kaggle.root / "PAT_C_2003"], out, show_progress=False, precision="fp32")
+    assert [r[:2] for r in read_summary(out / "summary.csv")[1:]] == [
+        ["PAT_A_2001", "12"], ["PAT_B_2002", "5"], ["PAT_C_2003", "5"]]
+
+
+def test_a_failure_on_a_later_volume_keeps_what_was_done(inputs, tmp_path):
+    scan, single = inputs
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "b_1.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="unreadable or truncated image"):
+        predict([scan, single, broken], out, predictor=flair_predictor(), show_progress=False)
+    assert [r[0] for r in read_summary(out / "summary.csv")[1:]] == ["scan", "single"]
+    assert sorted(p.name for p in out.iterdir()) == ["scan", "single", "summary.csv"]

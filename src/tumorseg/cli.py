@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 
@@ -155,7 +156,6 @@ def _cmd_train(a: argparse.Namespace) -> int:
         inference = InferenceConfig().replace(**inference_options)
         name = f"fold{cfg.fold}" if cfg.fold >= 0 else "all"
         run_dir = Path(a.out) if a.out else Path("runs") / f"{a.preset or 'default'}-{name}"
-    print(f"training into {run_dir} ({'resuming' if a.resume else 'new run'})", file=sys.stderr)
     result = run_training(run_dir, data=a.data, cfg=cfg, inference=inference, resume=bool(a.resume),
                           split_file=a.split, device=a.device, show_progress=not a.no_progress)
     if result.interrupted:
@@ -174,13 +174,13 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from tumorseg.data.cache import open_data
     from tumorseg.data.splits import held_out_patients
     from tumorseg.evaluation import check_spacing, evaluate
-    from tumorseg.fileio import prepare_output_dir
+    from tumorseg.fileio import check_output_dir
 
     if a.fold is not None and not a.split:
         raise TumorsegError("--fold needs --split (the splits.json of a run)")
     InferenceConfig().replace(threshold=a.threshold)  # a bad threshold fails before any work
     check_spacing(a.spacing)
-    prepare_output_dir(a.out)
+    check_output_dir(a.out)
     patients = held_out_patients(a.split, a.fold) if a.split else None
     cache = open_data(a.data, progress=not a.no_progress)
     report = evaluate(cache, a.out, checkpoint=a.checkpoint, patients=patients, threshold=a.threshold,
@@ -211,9 +211,26 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
 
 
+class _Lines(logging.Handler):
+    """Log records as plain lines on stdout, written around any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+def _log_to_stdout() -> None:
+    logger = logging.getLogger("tumorseg")
+    if not any(isinstance(h, _Lines) for h in logger.handlers):
+        logger.addHandler(_Lines())
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _log_to_stdout()
     try:
         return COMMANDS[args.command](args)
     except TumorsegError as e:

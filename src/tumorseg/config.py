@@ -229,9 +229,10 @@ def _coerce(name: str, value: Any, current: Any) -> Any:
             raise ConfigError(f"config field {name!r}: expected true/false, got {value!r}")
         return bool(value)
     if isinstance(current, int):
-        if isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"config field {name!r}: expected an integer, got {value!r}")
-        return int(value)
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, float) and not number.is_integer():
+            raise ConfigError(f"config field {name!r}: expected an integer, got {value}")
+        return int(number)
     if isinstance(current, float):
         return float(value)
     return str(value)
@@ -338,11 +339,16 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: cannot parse ({e})") from e
+                raise ConfigError(f"{path}: cannot parse ({_first_line(e)})") from e
         else:
             raise ConfigError(f"{path}: unknown config format {suffix!r}; use .json, .toml or .yaml")
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: cannot parse ({e})") from e
+        raise ConfigError(f"{path}: cannot parse ({_first_line(e)})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
     return data
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines[:2]) if lines else type(error).__name__

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import time
 import warnings
@@ -32,13 +33,22 @@ from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.sampling import batches_of, epoch_order, training_batch
 from tumorseg.data.splits import Split, load_split, make_split, save_split
 from tumorseg.errors import TumorsegError
-from tumorseg.fileio import atomic_write_text
+from tumorseg.fileio import atomic_write_text, prepare_output_dir
 from tumorseg.inference import Predictor
 from tumorseg.losses import make_loss
 from tumorseg.metrics import score_patient
 from tumorseg.model import UNet
 from tumorseg.postprocess import binarize
-from tumorseg.runtime import StopTraining, autocast, graceful_stop, resolve_precision, select_device
+from tumorseg.runtime import (
+    StopTraining,
+    autocast,
+    graceful_stop,
+    precision_name,
+    resolve_precision,
+    select_device,
+)
+
+log = logging.getLogger(__name__)
 
 METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice_mean", "val_dice_median", "lr",
                  "seconds", "train_img_s"]
@@ -65,8 +75,9 @@ def train_one_epoch(
     model.train()
     order = epoch_order(cfg, arrays.tumour(), progress.epoch)
     batches = batches_of(order, cfg.batch_size)
+    # A bar only on a terminal (disable=None): logs of background runs keep the epoch lines.
     bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
-               unit="batch", disable=not show_progress, leave=False, dynamic_ncols=True)
+               unit="batch", disable=None if show_progress else True, leave=False, dynamic_ncols=True)
     try:
         for step in range(progress.step, len(batches)):
             t0 = time.perf_counter()
@@ -201,12 +212,13 @@ def fit(
     settings (`cfg` and `inference` are then ignored). Ctrl-C or SIGTERM stops at the next
     step boundary and saves last.pt, as does `stop_after_steps` after that many steps.
 
-    Raises:
-        TumorsegError: bad config/split/data, an existing run when not resuming, or a
-            diverging loss.
-    """
-    from tumorseg.plots import plot_training_curves
+    If a new run fails before its first checkpoint, the files it wrote (config.json,
+    inference.json, splits.json) are removed again, and its folder if it made it.
 
+    Raises:
+        TumorsegError: bad config/split/data, an existing run when not resuming, an
+            output folder that cannot be written, or a diverging loss.
+    """
     run_dir = Path(run_dir)
     last_path = run_dir / "last.pt"
     state: Checkpoint | None = None
@@ -219,7 +231,28 @@ def fit(
         raise TumorsegError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                             "or choose another --out")
     inference = inference or InferenceConfig()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    created = not run_dir.exists()
+    prepare_output_dir(run_dir)
+    try:
+        return _fit(cfg, cache, run_dir, inference, state, device, split_file, show_progress, on_epoch,
+                    stop_after_steps, data_path)
+    except BaseException:
+        if not last_path.exists():  # nothing trained yet: leave no half-made run behind
+            for name in ("config.json", "inference.json", "splits.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            if created and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise
+
+
+def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConfig, state: Checkpoint | None,
+         device: str, split_file: str | Path | None, show_progress: bool,
+         on_epoch: Callable[[dict[str, Any]], None] | None, stop_after_steps: int | None,
+         data_path: str | None) -> FitResult:
+    from tumorseg.plots import plot_training_curves
+
+    resume = state is not None
+    last_path = run_dir / "last.pt"
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     atomic_write_text(run_dir / "inference.json", json.dumps(inference.to_dict(), indent=1) + "\n")
     split = prepare_split(cfg, cache, run_dir, split_file, resume)
@@ -230,6 +263,9 @@ def fit(
 
     dev = select_device(device)
     dtype = resolve_precision(cfg.precision, dev)
+    what = f"fold {cfg.fold} of {cfg.folds}" if cfg.fold >= 0 else "every non-test patient"
+    log.info(f"training {what} into {run_dir} ({'resuming' if resume else 'new run'}) on {dev}, "
+             f"{precision_name(dtype)}")
     model, optimizer, scheduler, loss_fn = build_training(cfg, dev)
     history: list[dict[str, Any]] = []
     progress = EpochProgress()
@@ -246,6 +282,10 @@ def fit(
         data_path = data_path or state.training.data_path
 
     train = load_arrays(cache, train_patients, cfg.channels)
+    height, width = train.images.shape[-2:]
+    if cfg.crop > min(height, width):
+        raise TumorsegError(f"crop {cfg.crop} is larger than the {height}x{width} slices of the data; "
+                            f"use --crop {min(height, width)} or less, or --crop 0 for whole slices")
     val = load_arrays(cache, val_patients, cfg.channels) if val_patients else None
     # The live model, unfused: validation sees exactly the weights being trained.
     predictor = Predictor([model], channels=cfg.channels, inference=inference, device=dev,
@@ -303,13 +343,12 @@ def fit(
                 checkpoint(last_path)
                 write_metrics_csv(history, run_dir / "metrics.csv")
                 plot_training_curves(history, run_dir / "training_curves.png")
-                if show_progress:
-                    tqdm.write(
-                        f"epoch {row['epoch']}/{cfg.epochs}: train loss {train_loss:.4f}  "
-                        f"val loss {v['val_loss']:.4f}  val Dice mean {v['val_dice_mean']:.4f} "
-                        f"median {v['val_dice_median']:.4f}  {row['train_img_s']:.1f} img/s"
-                        + ("  *best*" if improved else "")
-                    )
+                log.info(
+                    f"epoch {row['epoch']}/{cfg.epochs}: train loss {train_loss:.4f}  "
+                    f"val loss {v['val_loss']:.4f}  val Dice mean {v['val_dice_mean']:.4f} "
+                    f"median {v['val_dice_median']:.4f}  {row['train_img_s']:.1f} img/s"
+                    + ("  *best*" if improved else "")
+                )
                 if on_epoch is not None:
                     on_epoch(row)
                 stop.check()

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from tumorseg.config import NORM_PERCENTILES
 from tumorseg.data.cache import Cache
 from tumorseg.errors import ConfigError, TumorsegError
-from tumorseg.fileio import atomic_write_text, prepare_output_dir
+from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
 from tumorseg.inference import Predictor, check_model_arguments
 from tumorseg.metrics import PatientScores, hd95, nanmean, score_patient, slice_scores
 
@@ -117,7 +117,7 @@ def evaluate(
     if repeated:
         raise TumorsegError(f"patient(s) listed twice: {', '.join(repeated[:5])}")
     check_model_arguments(predictor, checkpoint=checkpoint, threshold=threshold, postprocess=postprocess, tta=tta)
-    out = prepare_output_dir(out_dir)
+    check_output_dir(out_dir)
     if predictor is None:
         predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess,
                                                tta=tta, device=device, precision=precision)
@@ -127,7 +127,7 @@ def evaluate(
     fp_slices = empty_slices = 0
     examples: list[tuple[float, str, int, np.ndarray, np.ndarray, np.ndarray]] = []
     hd95_mm: dict[str, float] = {}
-    for patient in tqdm(names, desc="evaluating", unit="patient", disable=not show_progress):
+    for patient in tqdm(names, desc="evaluating", unit="patient", disable=None if show_progress else True):
         rec = cache.records[patient]
         images = np.asarray(cache.images(patient))
         truth = np.asarray(cache.masks(patient)) > 0
@@ -164,6 +164,7 @@ def evaluate(
             for s in scores
         ],
     }
+    out = prepare_output_dir(out_dir)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=PATIENT_FIELDS + (["hd95_mm"] if hd95_mm else []), lineterminator="\n")

@@ -36,23 +36,40 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the output folder `path` (and its parents) and check that it can be written,
-    before any long work starts.
+def check_output_dir(path: str | os.PathLike[str]) -> Path:
+    """Check, before any long work starts and without creating anything, that the output
+    folder `path` exists as a writable folder or can be made.
 
     Raises:
-        TumorsegError: the path is a file, or the folder cannot be created or written.
+        TumorsegError: the path is a file, lies under a file, or cannot be written.
     """
     from tumorseg.errors import TumorsegError
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TumorsegError(f"output {path} is a file; pass a folder to --out")
+    existing = path
+    while not existing.exists():  # the nearest ancestor that exists decides
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TumorsegError(f"cannot write to output folder {path} ({existing} is a file); choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TumorsegError(f"cannot write to output folder {path} (no permission in {existing}); "
+                            "choose another --out")
+    return path
+
+
+def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the output folder `path` (and its parents) when results are about to be written.
+
+    Raises:
+        TumorsegError: the path is a file, or the folder cannot be created or written.
+    """
+    from tumorseg.errors import TumorsegError
+
+    path = check_output_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{secrets.token_hex(4)}"
-        probe.touch()
-        probe.unlink()
     except OSError as e:
         raise TumorsegError(f"cannot write to output folder {path} ({e.strerror or e}); "
                             "choose another --out") from e

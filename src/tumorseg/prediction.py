@@ -10,14 +10,19 @@ Inputs and normalisation:
 
 Outputs, per input slice `<name>.tif`: `<out>/<volume>/<name>_pred.png` (0/255 mask)
 and, with overlay, `<name>_overlay.png`; `<out>/summary.csv` lists per volume the slices,
-tumour slices and tumour volume in pixels.
+tumour slices and tumour volume in pixels. A run adds its volumes' rows to an existing
+summary.csv (replacing the rows of volumes predicted again) and never drops other rows,
+also when several runs write into one folder at once.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
-from dataclasses import dataclass
+import io
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +31,7 @@ from tqdm.auto import tqdm
 from tumorseg.data.kaggle import find_patient_dirs
 from tumorseg.data.slices import IMAGE_SUFFIXES, mask_png, read_volume, slice_images, write_png
 from tumorseg.errors import DataError
-from tumorseg.fileio import prepare_output_dir
+from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
 from tumorseg.inference import Predictor, check_model_arguments
 
 
@@ -109,25 +114,60 @@ def predict(
 
     check_model_arguments(predictor, checkpoint=checkpoint, threshold=threshold, postprocess=postprocess, tta=tta)
     volumes = collect_volumes(inputs)
-    out = prepare_output_dir(out_dir)
+    out = check_output_dir(out_dir)
     if predictor is None:
         predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess, tta=tta,
                                                device=device, precision=precision, batch_size=batch_size)
     summaries = []
-    for vol in tqdm(volumes, desc="predicting", unit="volume", disable=not show_progress or len(volumes) < 2):
+    bar = None if show_progress and len(volumes) > 1 else True  # None: only on a terminal
+    for vol in tqdm(volumes, desc="predicting", unit="volume", disable=bar):
         images = read_volume(vol.files, vol.name)
         masks = predictor.segment(images).mask
-        vdir = out / vol.name
-        vdir.mkdir(parents=True, exist_ok=True)
+        vdir = prepare_output_dir(out / vol.name)
         for f, img, m in zip(vol.files, images, masks, strict=True):
             mask_png(vdir / f"{f.stem}_pred.png", m)
             if overlay:
                 write_png(vdir / f"{f.stem}_overlay.png", make_overlay(img, m))
-        summaries.append(VolumeSummary(vol.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()),
-                                       int(masks.sum())))
-    with (out / "summary.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["volume", "slices", "tumour_slices", "tumour_pixels"])
-        for s in summaries:
-            w.writerow([s.volume, s.slices, s.tumour_slices, s.tumour_pixels])
+        summary = VolumeSummary(vol.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()),
+                                int(masks.sum()))
+        merge_summary(out / "summary.csv", [summary])  # at once: a later failure loses no row
+        summaries.append(summary)
     return summaries
+
+
+SUMMARY_FIELDS = ["volume", "slices", "tumour_slices", "tumour_pixels"]
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `folder` itself, so no lock file is left behind
+    (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: runs into one --out must not overlap there
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def merge_summary(path: Path, summaries: Sequence[VolumeSummary]) -> None:
+    """Add or replace the rows of `summaries` in the summary table at `path`, keeping every
+    other row: read, merge and atomically rewrite under a lock, so runs into one folder,
+    one after the other or at once, never lose a row. Rows are sorted by volume."""
+    with _locked(path.parent):
+        rows: dict[str, dict[str, str]] = {}
+        if path.is_file():
+            with path.open(newline="") as f:
+                rows = {r["volume"]: r for r in csv.DictReader(f) if r.get("volume")}
+        for s in summaries:
+            rows[s.volume] = {k: str(v) for k, v in asdict(s).items()}
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows[k] for k in sorted(rows))
+        atomic_write_text(path, buf.getvalue())

@@ -84,20 +84,51 @@ class Cache:
         return sorted(self.records)
 
     def images(self, patient: str) -> np.ndarray:
-        """uint8 (S, H, W, 3), memory-mapped."""
-        return np.load(self.root / "patients" / patient / "images.npy", mmap_mode="r")
+        """uint8 (S, H, W, 3), memory-mapped.
+
+        Raises:
+            DataError: the cached file is missing or damaged.
+        """
+        rec = self.records[patient]
+        return self._load(patient, "images.npy", (len(rec.slices), rec.height, rec.width, 3))
 
     def masks(self, patient: str) -> np.ndarray | None:
-        """uint8 (S, H, W) with 0/1, memory-mapped; None for an unlabelled patient."""
-        if not self.records[patient].has_masks:
+        """uint8 (S, H, W) with 0/1, memory-mapped; None for an unlabelled patient.
+
+        Raises:
+            DataError: the cached file is missing or damaged.
+        """
+        rec = self.records[patient]
+        if not rec.has_masks:
             return None
-        return np.load(self.root / "patients" / patient / "masks.npy", mmap_mode="r")
+        return self._load(patient, "masks.npy", (len(rec.slices), rec.height, rec.width))
+
+    def _load(self, patient: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        path = self.root / "patients" / patient / name
+        array = load_array(path, shape)
+        if array is None:
+            source = self.source or "the kaggle_3m folder"
+            raise DataError(f"{path}: missing or damaged cache file; run `tumorseg prepare {source}` "
+                            "to rebuild it")
+        return array
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r}, patients={len(self)})"
+
+
+def load_array(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The memory-mapped uint8 array at `path` if it is intact and of `shape`, else None
+    (missing, truncated, or not an array of that shape)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):  # truncated: "mmap length is greater than file size"
+        return None
+    if array.shape != tuple(shape) or array.dtype != np.uint8:
+        return None
+    return array
 
 
 def is_cache_dir(path: str | Path) -> bool:
@@ -132,15 +163,25 @@ def prepare(
         progress: show a progress bar.
 
     Raises:
-        DataError: any problem with the raw data, naming the file. Patients decoded
-            before the error stay in the cache; nothing half-written is left behind.
+        DataError: any problem with the raw data, naming the file, or a cache folder that
+            cannot be written. Patients decoded before the error stay in the cache; nothing
+            half-written is left behind, and no folder is created before the first patient
+            is decoded.
     """
     raw_root = Path(raw_root)
     patient_dirs = find_patient_dirs(raw_root)
     out = Path(out) if out is not None else default_cache_dir(raw_root)
     if out.exists() and not out.is_dir():
         raise DataError(f"cache path {out} is a file; pass a folder to --out")
-    (out / "patients").mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare(raw_root, patient_dirs, out, require_masks, progress)
+    except OSError as e:  # a read-only or full disk, no permission
+        raise DataError(f"cannot write the cache at {out} ({e.strerror or e}); set TUMORSEG_CACHE to a "
+                        "writable folder or pass --out to `tumorseg prepare`") from e
+
+
+def _prepare(raw_root: Path, patient_dirs: list[Path], out: Path, require_masks: bool,
+             progress: bool) -> Cache:
 
     old: dict[str, dict[str, Any]] = {}
     if is_cache_dir(out):
@@ -171,15 +212,13 @@ def prepare(
         fp = file_fingerprint(files)
         rec = old.get(d.name)
         pdir = out / "patients" / d.name
-        if rec and rec["fingerprint"] == fp and (pdir / "images.npy").is_file() and (
-            not rec["has_masks"] or (pdir / "masks.npy").is_file()
-        ):
+        if rec and rec["fingerprint"] == fp and _intact(pdir, rec):
             records[d.name] = rec
         else:
             todo.append((d, fp))
     changed = bool(todo) or set(old) != set(records)
 
-    for d, fp in tqdm(todo, desc="decoding patients", unit="patient", disable=not progress or not todo):
+    for d, fp in tqdm(todo, desc="decoding patients", unit="patient", disable=None if progress and todo else True):
         numbers, images, masks = read_patient(d, require_masks=require_masks)
         pdir = out / "patients" / d.name
         pdir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +244,15 @@ def prepare(
     if changed or not is_cache_dir(out):
         write_manifest()
     return open_cache(out)
+
+
+def _intact(pdir: Path, rec: dict[str, Any]) -> bool:
+    """The cached arrays of a manifest record exist and have its shape (a truncated file,
+    e.g. after a full disk, is decoded again)."""
+    shape = (len(rec["slices"]), rec["height"], rec["width"])
+    if load_array(pdir / "images.npy", (*shape, 3)) is None:
+        return False
+    return not rec["has_masks"] or load_array(pdir / "masks.npy", shape) is not None
 
 
 def open_data(path: str | Path, require_masks: bool = True, progress: bool = True) -> Cache:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,10 +131,18 @@ def read_patient(
 
 
 def read_metadata(root: str | Path) -> dict[str, dict[str, str]]:
-    """Per-patient rows of `data.csv` keyed by the `Patient` column (empty if no file)."""
+    """Per-patient rows of `data.csv` keyed by the `Patient` column (empty if no file).
+
+    The table is optional: an unreadable one gives a warning and no metadata.
+    """
     root = Path(root)
     for candidate in (root / "data.csv", root / "kaggle_3m" / "data.csv"):
         if candidate.is_file():
-            with candidate.open(newline="") as f:
-                return {row["Patient"]: row for row in csv.DictReader(f) if row.get("Patient")}
+            try:
+                with candidate.open(newline="", encoding="utf-8") as f:
+                    return {row["Patient"]: row for row in csv.DictReader(f) if row.get("Patient")}
+            except (OSError, UnicodeDecodeError, csv.Error) as e:
+                warnings.warn(f"{candidate}: unreadable metadata table ({type(e).__name__}); "
+                              "going on without it", stacklevel=2)
+                return {}
     return {}

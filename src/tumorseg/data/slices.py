@@ -23,6 +23,10 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 SLICE_RE = re.compile(r"^(?P<stem>.+?)_(?P<num>\d+)(?P<mask>_mask)?\.(?P<ext>tiff?|png)$", re.I)
 # Files that tumorseg itself writes next to slices; never read back as input.
 OUTPUT_SUFFIXES = ("_mask", "_pred", "_overlay")
+# How to fix a slice of another bit depth: the normalisation is per volume, so one linear
+# scale for all slices of a sequence keeps their relation.
+TO_8_BIT = ("rescale each sequence linearly to 0-255 with one scale for all slices of the volume, "
+            "e.g. numpy: (x * 255.0 / x.max()).astype('uint8'), and save 8-bit")
 
 
 def slice_number(path: Path) -> int | None:
@@ -41,13 +45,24 @@ def slice_sort_key(path: Path) -> tuple:
 
 def slice_images(folder: Path) -> list[Path]:
     """The image slices of a folder in slice order: `.tif/.tiff/.png` files that are not
-    hidden and not masks or tumorseg outputs."""
-    files = [
+    hidden and not masks or tumorseg outputs.
+
+    Raises:
+        DataError: two files with the same slice number (`_1` and `_01`), as kaggle.list_slices.
+    """
+    files = sorted((
         p for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
         and not p.stem.lower().endswith(OUTPUT_SUFFIXES)
-    ]
-    return sorted(files, key=slice_sort_key)
+    ), key=slice_sort_key)
+    seen: dict[int, Path] = {}
+    for p in files:
+        n = slice_number(p)
+        if n is not None and n in seen:
+            raise DataError(f"{folder}: two files for slice {n}: {seen[n].name} and {p.name}; keep one")
+        if n is not None:
+            seen[n] = p
+    return files
 
 
 def _open(path: Path) -> Image.Image:
@@ -67,13 +82,27 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     im = _open(path)
-    if im.mode != "RGB":
-        bands = len(im.getbands())
-        if im.mode in ("L", "P", "1", "RGBA", "LA", "CMYK"):
-            raise DataError(f"{path}: expected 3 channels (pre-contrast, FLAIR, post-contrast), "
-                            f"got {bands} (mode {im.mode})")
-        raise DataError(f"{path}: expected 8-bit pixels (uint8), got image mode {im.mode}")
-    return np.asarray(im, dtype=np.uint8)
+    if im.mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if im.mode == "P":
+        raise DataError(f"{path}: a palette image (mode P), not an MRI slice; save the three sequences "
+                        f"(pre-contrast, FLAIR, post-contrast) as the channels of an 8-bit RGB image")
+    if im.mode in ("L", "1", "RGBA", "LA", "CMYK"):
+        raise DataError(f"{path}: expected 3 channels (pre-contrast, FLAIR, post-contrast), "
+                        f"got {len(im.getbands())} (mode {im.mode}); save the three sequences as the "
+                        "channels of an 8-bit RGB image")
+    raise DataError(f"{path}: {_depth(im.mode)} pixels (mode {im.mode}), expected 8-bit (uint8); " + TO_8_BIT)
+
+
+
+def _depth(mode: str) -> str:
+    if mode == "F":
+        return "32-bit float"
+    if mode.startswith("I;16"):
+        return "16-bit"
+    if mode == "I":
+        return "32-bit integer"
+    return "non-8-bit"
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -87,7 +116,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     if im.mode == "1":
         im = im.convert("L")
     if im.mode != "L":
-        raise DataError(f"{path}: expected a single-channel 8-bit mask (0/255), got mode {im.mode}")
+        raise DataError(f"{path}: expected a single-channel 8-bit mask (0/255), got mode {im.mode}; "
+                        "save masks as 8-bit grey images, 0 for background and 255 for tumour")
     return (np.asarray(im, dtype=np.uint8) > 127).astype(np.uint8)
 
 
