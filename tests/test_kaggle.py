@@ -16,7 +16,7 @@ from tumorseg.data.kaggle import (
     read_metadata,
     read_patient,
 )
-from tumorseg.data.slices import read_mask
+from tumorseg.data.slices import read_image, read_mask
 from tumorseg.errors import DataError
 
 
@@ -175,23 +175,22 @@ def test_16_bit_mask(kaggle):
                    "8-bit grey images, 0 for background and 255 for tumour")
 
 
-RGB_ADVICE = "save the three sequences as the channels of an 8-bit RGB image"
-
-
-@pytest.mark.parametrize(
-    "array, expected",
-    [
-        (np.zeros((32, 32), np.uint8), "expected 3 channels (pre-contrast, FLAIR, post-contrast), "
-                                       f"got 1 (mode L); {RGB_ADVICE}"),
-        (np.zeros((32, 32, 4), np.uint8), "expected 3 channels (pre-contrast, FLAIR, "
-                                          f"post-contrast), got 4 (mode RGBA); {RGB_ADVICE}"),
-    ],
-)
-def test_wrong_channel_count(kaggle, array, expected):
+def test_wrong_channel_count(kaggle):
     path = kaggle.image_path("PAT_B_2002", 5)
-    Image.fromarray(array).save(path)
+    Image.fromarray(np.zeros((32, 32, 4), np.uint8)).save(path)
     msg = error_of(read_patient, kaggle.root / "PAT_B_2002")
-    assert msg == f"{path}: {expected}"
+    assert msg == (f"{path}: expected 3 channels (pre-contrast, FLAIR, post-contrast) or FLAIR alone, got 4 "
+                   "(mode RGBA); save the three sequences as the channels of an 8-bit RGB image")
+
+
+def test_single_channel_slices_are_flair_copied_into_every_channel(kaggle):
+    path = kaggle.image_path("PAT_B_2002", 5)
+    grey = np.arange(32 * 32, dtype=np.uint32).reshape(32, 32).astype(np.uint8)
+    Image.fromarray(grey).save(path)
+    with pytest.warns(UserWarning, match=r"1 of 5 slices have one channel; read as FLAIR"):
+        _, images, _ = read_patient(kaggle.root / "PAT_B_2002")
+    assert all(np.array_equal(images[4, ..., c], grey) for c in range(3))
+    assert np.array_equal(read_image(path), np.repeat(grey[..., None], 3, axis=2))
 
 
 def test_palette_image_is_named_as_such(kaggle):

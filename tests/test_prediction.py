@@ -173,8 +173,9 @@ def test_predict_writes_masks_and_summary(inputs, tmp_path):
     summaries = predict([scan, single], out, predictor=flair_predictor(), show_progress=False)
 
     assert summaries == [VolumeSummary("scan", 3, 2, 7), VolumeSummary("single", 1, 1, 4)]
-    assert read_summary(out / "summary.csv") == [["volume", "slices", "tumour_slices", "tumour_pixels"],
-                                                 ["scan", "3", "2", "7"], ["single", "1", "1", "4"]]
+    assert read_summary(out / "summary.csv") == [
+        ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels"],
+        ["scan", "3", "2", "7", "0"], ["single", "1", "1", "4", "0"]]
     assert sorted(p.name for p in out.iterdir()) == ["scan", "single", "summary.csv"]
     assert sorted(p.name for p in (out / "scan").iterdir()) == ["scan_10_pred.png", "scan_1_pred.png",
                                                                 "scan_2_pred.png"]
@@ -252,7 +253,7 @@ def test_concurrent_summary_merges_lose_no_row(tmp_path):
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         pool.map(_merge_many, [(str(path), p, 40) for p in ("a", "b", "c")])
     rows = read_summary(path)
-    assert rows[0] == ["volume", "slices", "tumour_slices", "tumour_pixels"]
+    assert rows[0] == ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels"]
     assert [r[0] for r in rows[1:]] == sorted(f"{p}{i:03d}" for p in "abc" for i in range(40))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
 

@@ -36,8 +36,11 @@ def dev_set(real_cache):
     return real_cache
 
 
-def test_real_cache_holds_the_tiffs_and_their_statistics(dev_set, real_data):
+def test_real_cache_holds_the_tiffs_and_their_statistics(real_cache, real_data):
     patient = "TCGA_CS_4943_20000902"
+    if patient not in real_cache.records:
+        pytest.skip(f"{patient} is not in this download")
+    dev_set = real_cache
     rec = dev_set.records[patient]
     assert (rec.height, rec.width, rec.slices) == (256, 256, list(range(1, 21)))
     numbers, images, masks = read_patient(real_data / patient)

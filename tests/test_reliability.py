@@ -118,7 +118,6 @@ TRAIN = ["train", "--data", "{root}", "--epochs", "1", "--n-features", "2", "--d
          "--folds", "2", "--crop", "0", "--samples-per-epoch", "4", "--no-progress"]
 EVALUATE = ["evaluate", "--data", "{root}", "--checkpoint", "{ok}", "--out", "{tmp}/report", "--no-progress"]
 PREDICT = ["predict", "{root}/PAT_B_2002", "--checkpoint", "{ok}", "--out", "{tmp}/pred", "--no-progress"]
-GREY = np.zeros((8, 8), np.uint8)
 
 # (id, set-up, command, what the one error line must contain; "{...}" is filled in)
 CASES: list[tuple[str, Callable[[World], None], list[str], str]] = [
@@ -214,8 +213,8 @@ CASES: list[tuple[str, Callable[[World], None], list[str], str]] = [
     ("palette-png",
      lambda w: Image.fromarray(np.zeros((8, 8, 3), np.uint8)).convert("P").save(w.tmp / "p_1.png"),
      [*PREDICT[:1], "{tmp}/p_1.png", *PREDICT[2:]], "{tmp}/p_1.png: a palette image (mode P)"),
-    ("grey-png", _image("g_1.png", GREY), [*PREDICT[:1], "{tmp}/g_1.png", *PREDICT[2:]],
-     "{tmp}/g_1.png: expected 3 channels (pre-contrast, FLAIR, post-contrast), got 1 (mode L)"),
+    ("rgba-png", _image("g_1.png", np.zeros((8, 8, 4), np.uint8)), [*PREDICT[:1], "{tmp}/g_1.png", *PREDICT[2:]],
+     "{tmp}/g_1.png: expected 3 channels (pre-contrast, FLAIR, post-contrast) or FLAIR alone, got 4 (mode RGBA)"),
     ("16-bit-tiff", _image("s_1.tif", np.full((8, 8), 900, np.uint16)), [*PREDICT[:1], "{tmp}/s_1.tif", *PREDICT[2:]],
      "{tmp}/s_1.tif: 16-bit pixels (mode I;16), expected 8-bit (uint8); rescale each sequence linearly to 0-255"),
     ("float-tiff", _image("f_1.tif", np.full((8, 8), 0.5, np.float32)), [*PREDICT[:1], "{tmp}/f_1.tif", *PREDICT[2:]],

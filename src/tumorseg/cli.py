@@ -201,9 +201,10 @@ def _cmd_predict(a: argparse.Namespace) -> int:
                         postprocess=a.postprocess, overlay=a.overlay, tta=a.tta, precision=a.precision,
                         device=a.device, batch_size=a.batch_size, show_progress=not a.no_progress)
     width = max(len("volume"), *(len(s.volume) for s in summaries))
-    print(f"{'volume':<{width}}  slices  tumour slices  tumour pixels")
+    print(f"{'volume':<{width}}  slices  tumour slices  tumour pixels  removed by post-processing")
     for s in summaries:
-        print(f"{s.volume:<{width}}  {s.slices:>6}  {s.tumour_slices:>13}  {s.tumour_pixels:>13}")
+        print(f"{s.volume:<{width}}  {s.slices:>6}  {s.tumour_slices:>13}  {s.tumour_pixels:>13}  "
+              f"{s.removed_pixels:>26}")
     print(f"masks written to {a.out}/")
     return 0
 

@@ -10,7 +10,8 @@ Inputs and normalisation:
 
 Outputs, per input slice `<name>.tif`: `<out>/<volume>/<name>_pred.png` (0/255 mask)
 and, with overlay, `<name>_overlay.png`; `<out>/summary.csv` lists per volume the slices,
-tumour slices and tumour volume in pixels. A run adds its volumes' rows to an existing
+tumour slices, tumour volume in pixels, and the pixels above the threshold that
+post-processing removed (a lost focus is never silent). A run adds its volumes' rows to an existing
 summary.csv (replacing the rows of volumes predicted again) and never drops other rows,
 also when several runs write into one folder at once.
 """
@@ -84,6 +85,7 @@ class VolumeSummary:
     slices: int
     tumour_slices: int
     tumour_pixels: int
+    removed_pixels: int = 0  # above the threshold, but removed by post-processing
 
 
 def predict(
@@ -122,20 +124,21 @@ def predict(
     bar = None if show_progress and len(volumes) > 1 else True  # None: only on a terminal
     for vol in tqdm(volumes, desc="predicting", unit="volume", disable=bar):
         images = read_volume(vol.files, vol.name)
-        masks = predictor.segment(images).mask
+        seg = predictor.segment(images, name=vol.name)
+        masks = seg.mask
         vdir = prepare_output_dir(out / vol.name)
         for f, img, m in zip(vol.files, images, masks, strict=True):
             mask_png(vdir / f"{f.stem}_pred.png", m)
             if overlay:
                 write_png(vdir / f"{f.stem}_overlay.png", make_overlay(img, m))
         summary = VolumeSummary(vol.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()),
-                                int(masks.sum()))
+                                int(masks.sum()), seg.removed_voxels)
         merge_summary(out / "summary.csv", [summary])  # at once: a later failure loses no row
         summaries.append(summary)
     return summaries
 
 
-SUMMARY_FIELDS = ["volume", "slices", "tumour_slices", "tumour_pixels"]
+SUMMARY_FIELDS = ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels"]
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,22 +78,31 @@ def _open(path: Path) -> Image.Image:
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image slice as uint8 (H, W, 3) in the order pre-contrast, FLAIR, post-contrast.
 
+    A single-channel 8-bit slice is taken as FLAIR alone and copied into all three
+    channels, as kaggle_3m fills a missing sequence with FLAIR (`read_volume` says so).
+
     Raises:
-        DataError: unreadable file, not 8-bit, or not 3 channels.
+        DataError: unreadable file, not 8-bit, or neither 1 nor 3 channels.
     """
-    path = Path(path)
+    return _read_image(Path(path))[0]
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """(uint8 (H, W, 3), whether the file had a single channel)."""
     im = _open(path)
     if im.mode == "RGB":
-        return np.asarray(im, dtype=np.uint8)
+        return np.asarray(im, dtype=np.uint8), False
+    if im.mode == "L":
+        grey = np.asarray(im, dtype=np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2), True
     if im.mode == "P":
         raise DataError(f"{path}: a palette image (mode P), not an MRI slice; save the three sequences "
                         f"(pre-contrast, FLAIR, post-contrast) as the channels of an 8-bit RGB image")
-    if im.mode in ("L", "1", "RGBA", "LA", "CMYK"):
-        raise DataError(f"{path}: expected 3 channels (pre-contrast, FLAIR, post-contrast), "
+    if im.mode in ("1", "RGBA", "LA", "CMYK"):
+        raise DataError(f"{path}: expected 3 channels (pre-contrast, FLAIR, post-contrast) or FLAIR alone, "
                         f"got {len(im.getbands())} (mode {im.mode}); save the three sequences as the "
                         "channels of an 8-bit RGB image")
     raise DataError(f"{path}: {_depth(im.mode)} pixels (mode {im.mode}), expected 8-bit (uint8); " + TO_8_BIT)
-
 
 
 def _depth(mode: str) -> str:
@@ -106,7 +116,10 @@ def _depth(mode: str) -> str:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask slice as uint8 (H, W) with values 0/1 (source 0/255; > 127 is tumour).
+    """Read a mask slice as uint8 (H, W) with values 0/1.
+
+    Masks are stored 0/255 in kaggle_3m (> 127 is tumour); a slice whose values are only
+    0 and 1 is a 0/1 mask (1 is tumour), which other tools write.
 
     Raises:
         DataError: unreadable file, not a single 8-bit channel.
@@ -118,7 +131,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     if im.mode != "L":
         raise DataError(f"{path}: expected a single-channel 8-bit mask (0/255), got mode {im.mode}; "
                         "save masks as 8-bit grey images, 0 for background and 255 for tumour")
-    return (np.asarray(im, dtype=np.uint8) > 127).astype(np.uint8)
+    arr = np.asarray(im, dtype=np.uint8)
+    return (arr > (0 if arr.max() <= 1 else 127)).astype(np.uint8)
 
 
 def read_volume(files: Sequence[Path], name: str) -> np.ndarray:
@@ -128,8 +142,10 @@ def read_volume(files: Sequence[Path], name: str) -> np.ndarray:
         DataError: an unreadable slice, or slices of different sizes.
     """
     slices: list[np.ndarray] = []
+    grey = 0
     for f in files:
-        img = read_image(f)
+        img, single = _read_image(Path(f))
+        grey += single
         if slices and img.shape != slices[0].shape:
             raise DataError(f"{f}: size {img.shape[1]}x{img.shape[0]} differs from "
                             f"{slices[0].shape[1]}x{slices[0].shape[0]} of the other slices of {name}; "
@@ -137,6 +153,10 @@ def read_volume(files: Sequence[Path], name: str) -> np.ndarray:
         slices.append(img)
     if not slices:
         raise DataError(f"{name}: no image slices")
+    if grey:
+        warnings.warn(f"{name}: {grey} of {len(slices)} slices have one channel; read as FLAIR, with FLAIR "
+                      "also in place of the pre- and post-contrast sequences (as kaggle_3m fills missing "
+                      "sequences)", stacklevel=2)
     return np.stack(slices)
 
 
