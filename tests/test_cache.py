@@ -250,7 +250,7 @@ def test_prepare_into_a_file(kaggle, tmp_path):
 @pytest.mark.parametrize(
     "manifest, fragment",
     [("{broken", "unreadable cache manifest"), ('{"version": 99, "patients": []}',
-                                                  "cache version 99 is not 1")],
+                                                  f"cache version 99 is not {CACHE_VERSION}")],
 )
 def test_open_cache_rejects_bad_manifest(tmp_path, manifest, fragment):
     (tmp_path / MANIFEST).write_text(manifest)

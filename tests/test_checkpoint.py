@@ -307,3 +307,40 @@ def test_export_weights_strips_training_state_and_applies_overrides(tmp_path):
         export_weights(tmp_path / "last.pt", tmp_path / "x.pt", lr=1)
     with pytest.raises(CheckpointError, match="threshold must be between 0 and 1"):
         export_weights(tmp_path / "last.pt", tmp_path / "x.pt", threshold=2.0)
+
+
+def test_a_stored_training_config_that_is_no_longer_valid_does_not_stop_inference(tmp_path):
+    path = tmp_path / "old.pt"
+    save(path, UNet(n_features=4, depth=2))
+    raw = read_payload(path)
+    raw["config"] = TrainConfig().to_dict() | {"seed": -1}  # valid once, refused today
+    torch.save(raw, path)
+    ck = load_checkpoint(path)
+    assert ck.train_config is None
+    assert isinstance(ck.build_model(), UNet)
+
+
+@pytest.mark.parametrize(("field", "value", "detail"), [
+    ("normalization", [10, 99], "normalization is a list, not a mapping"),
+    ("channels", "FLAIR", "channels must be a list of names, got 'FLAIR'"),
+    ("inference", {"threshold": 7}, "threshold must be between 0 and 1, got 7"),
+])
+def test_damaged_entries_are_one_line_errors(tmp_path, field, value, detail):
+    path = tmp_path / "bad.pt"
+    save(path, UNet(n_features=4, depth=2))
+    raw = read_payload(path)
+    raw[field] = value
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: damaged tumorseg checkpoint (")
+    assert detail in str(info.value) and "\n" not in str(info.value)
+
+
+def test_training_state_without_its_parts_is_not_resumable(tmp_path):
+    path = tmp_path / "partial.pt"
+    save(path, UNet(n_features=4, depth=2))
+    raw = read_payload(path)
+    raw["training"] = {"optimizer": {}, "progress": {}}  # no scheduler, no RNG state
+    torch.save(raw, path)
+    assert load_checkpoint(path).training is None

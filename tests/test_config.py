@@ -149,7 +149,7 @@ def test_replace_config_coerces(overrides, expected):
         ({"augment": "maybe"}, "config field 'augment': expected true/false, got 'maybe'"),
         ({"epochs": 2.5}, "config field 'epochs': expected an integer, got 2.5"),
         ({"epochs": "seven"},
-         "config field 'epochs': cannot use 'seven' (invalid literal for int() with base 10: 'seven')"),
+         "config field 'epochs': cannot use 'seven' (could not convert string to float: 'seven')"),
         ({"lr": "fast"}, "config field 'lr': cannot use 'fast' (could not convert string to float: 'fast')"),
         ({"learning_rate": 1, "bogus": 2}, f"unknown config field(s): bogus, learning_rate; known: {KNOWN_FIELDS}"),
         ({"tta": True}, f"unknown config field(s): tta; known: {KNOWN_FIELDS}"),

@@ -176,3 +176,19 @@ def test_dataloader_with_default_collate(cache):
     assert numbers.tolist() == [1, 2, 3, 4]
     assert torch.equal(images[2], ds[2][0])
     assert list(batches[1][2]) == ["PAT_B_2002", "PAT_C_2003", "PAT_C_2003", "PAT_C_2003"]
+
+
+def test_fill_missing_sequences_only_fills_constant_non_flair_channels():
+    from tumorseg.data.normalization import fill_missing_sequences
+
+    vol = np.zeros((2, 3, 3, 3), dtype=np.uint8)
+    vol[..., 1] = np.arange(9, dtype=np.uint8).reshape(3, 3)  # FLAIR
+    vol[..., 2] = 7  # constant post-contrast
+    vol[0, 0, 0, 0] = 5  # pre-contrast present
+    out, filled = fill_missing_sequences(vol)
+    assert filled == ["post-contrast"] and out is not vol
+    assert np.array_equal(out[..., 2], vol[..., 1]) and np.array_equal(out[..., :2], vol[..., :2])
+    same, none = fill_missing_sequences(out)
+    assert none == [] and same is out
+    blank = np.zeros((2, 3, 3, 3), dtype=np.uint8)  # no FLAIR signal either: nothing to copy
+    assert fill_missing_sequences(blank)[1] == []

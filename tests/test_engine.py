@@ -192,3 +192,70 @@ def test_fold_minus_one_trains_on_every_patient_without_validation(cache, tmp_pa
     assert result.best_epoch == 0
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["val_dice_mean"] for r in rows] == ["nan", "nan"]
+
+
+def test_validate_weights_the_chunk_losses_by_chunk_size_and_scores_each_patient():
+    """A constant model (p = 0.5 everywhere) on two patients, chunks of 16 slices: the loss
+    is worked out by hand from the batch-pooled soft Dice of each chunk."""
+    from torch import nn
+
+    from tumorseg.data.dataset import SliceArrays
+    from tumorseg.engine import validate
+    from tumorseg.inference import Predictor
+    from tumorseg.losses import DiceLoss
+
+    class Half(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.zeros((x.shape[0], 1, *x.shape[-2:])) + 0 * self.w
+
+    n_a, n_b, hw = 17, 2, 16  # patient A: chunks of 16 and 1 slices; B: one chunk of 2
+    masks = torch.zeros(n_a + n_b, 1, 4, 4, dtype=torch.uint8)
+    masks[0, 0, :2, :2] = 1  # A: 4 true pixels in its first chunk
+    masks[16, 0, 0, :3] = 1  # A: 3 in its second chunk; B has none
+    arrays = SliceArrays(images=torch.zeros(n_a + n_b, 3, 4, 4, dtype=torch.uint8), masks=masks,
+                         low=torch.zeros(n_a + n_b, 3), high=torch.full((n_a + n_b, 3), 255.0),
+                         patient_index=torch.tensor([0] * n_a + [1] * n_b), slice_numbers=torch.arange(n_a + n_b),
+                         patients=["A", "B"])
+    predictor = Predictor([Half()], fuse=False, device="cpu", precision="fp32", channels_last=False)
+    out = validate(predictor, arrays, DiceLoss(logits=True))
+
+    def soft_dice_loss(pixels: int, true: int) -> float:  # p = 0.5 on every pixel
+        return 1 - (2 * 0.5 * true + 1) / (0.5 * pixels + true + 1)
+
+    expected = (16 * soft_dice_loss(16 * hw, 4) + 1 * soft_dice_loss(hw, 3) + 2 * soft_dice_loss(2 * hw, 0)) / 19
+    assert out["val_loss"] == pytest.approx(expected, rel=1e-6)
+    # Nothing is above 0.5: A (tumour) scores 0, B (no tumour, nothing found) scores 1.
+    assert out["per_patient"] == {"A": 0.0, "B": 1.0}
+    assert (out["val_dice_mean"], out["val_dice_median"]) == (0.5, 0.5)
+
+
+def test_resuming_a_run_of_an_older_sampler_warns(cache, tmp_path):
+    from tumorseg.checkpoint import read_payload
+
+    run = tmp_path / "run"
+    fit(tiny_config(), cache, run, show_progress=False, stop_after_steps=2)
+    raw = read_payload(run / "last.pt")
+    raw["training"]["sampler"] = ""  # as a run started by tumorseg 0.1 (format 1) reads
+    torch.save(raw, run / "last.pt")
+    with pytest.warns(UserWarning, match="drew its batches differently"):
+        result = fit(tiny_config(), cache, run, resume=True, show_progress=False)
+    assert result.epochs_done == 2
+
+
+def test_a_failed_new_run_removes_only_what_it_made(cache, tmp_path):
+    run = tmp_path / "new" / "deeper" / "run"
+    with pytest.raises(TumorsegError, match="crop 64 is larger than the 32x32 slices"):
+        fit(tiny_config(crop=64), cache, run, show_progress=False)
+    assert not (tmp_path / "new").exists()
+    # a folder of the user's, with a splits.json of their own, keeps both
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    split = '{"seed": 0, "test": [], "folds": [["PAT_A_2001"], ["PAT_B_2002", "PAT_C_2003"]]}'
+    (mine / "splits.json").write_text(split)
+    with pytest.raises(TumorsegError, match="crop 64"):
+        fit(tiny_config(crop=64), cache, mine, split_file=mine / "splits.json", show_progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["splits.json"]

@@ -193,14 +193,3 @@ def test_shipped_model_is_the_default(tmp_path):
     assert p.source.endswith("tumorseg_lgg.pt") and p.inference.postprocess == "lcc"
 
 
-
-def test_a_sequence_missing_from_the_volume_is_filled_with_flair_and_warned():
-    vol = np.zeros((2, 4, 4, 3), dtype=np.uint8)
-    vol[..., 1] = np.arange(16, dtype=np.uint8).reshape(4, 4) * 10  # FLAIR
-    vol[..., 2] = np.arange(16, dtype=np.uint8).reshape(4, 4)  # post-contrast present, pre-contrast all zero
-    p = predictor(Constant(0.0), percentiles=(0.0, 100.0))
-    with pytest.warns(UserWarning, match="P1: pre-contrast constant over the whole volume .* filled with FLAIR"):
-        x = p.normalize_volume(vol, low=[0, 0, 0], high=[0, 150, 15], name="P1")
-    assert torch.equal(x[:, 0], x[:, 1])  # pre-contrast is FLAIR now, normalised with FLAIR's own range
-    assert torch.allclose(x[0, 1], torch.arange(16, dtype=torch.float32).reshape(4, 4) / 15)
-    assert torch.allclose(x[0, 2], torch.arange(16, dtype=torch.float32).reshape(4, 4) / 15)

@@ -198,3 +198,10 @@ def test_nanmean_skips_nan():
     assert nanmean([1.0, math.nan, 3.0]) == 2.0
     assert math.isnan(nanmean([math.nan]))
     assert math.isnan(nanmean([]))
+
+
+@pytest.mark.parametrize("spacing", [(-1.0, 1.0, 1.0), (0.0, 1.0, 1.0), (math.nan, 1.0, 1.0), (1.0, 1.0)])
+def test_hd95_refuses_spacing_that_is_not_one_positive_step_per_axis(spacing):
+    m = np.zeros((2, 4, 4), dtype=bool)
+    with pytest.raises(ValueError, match="spacing must give one positive step per axis"):
+        hd95(m, m, spacing)

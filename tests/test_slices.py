@@ -73,3 +73,30 @@ def test_read_volume_stacks_in_order_and_rejects_mixed_sizes(tmp_path):
     assert vol.shape == (2, 4, 5, 3) and vol[0, 0, 0, 0] == 9 and vol[1, 0, 0, 0] == 7
     msg = error_of(read_volume, [tmp_path / "v_1.tif", tmp_path / "v_3.tif"], "v")
     assert msg.startswith(f"{tmp_path / 'v_3.tif'}: size 5x5 differs from 5x4 of the other slices of v")
+
+
+def _write_volume(folder: Path, volume: np.ndarray) -> list[Path]:
+    folder.mkdir()
+    files = []
+    for i, img in enumerate(volume, start=1):
+        Image.fromarray(img).save(folder / f"v_{i}.tif")
+        files.append(folder / f"v_{i}.tif")
+    return files
+
+
+def test_a_sequence_missing_from_a_volume_is_filled_with_flair_and_warned(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = rng.integers(0, 255, (3, 6, 6, 3), dtype=np.uint8)
+    vol[..., 0] = 0  # pre-contrast missing, filled with zeros by another tool
+    files = _write_volume(tmp_path / "v", vol)
+    with pytest.warns(UserWarning, match="P1: pre-contrast constant over all 3 slices .* filled with FLAIR"):
+        out = read_volume(files, "P1")
+    assert np.array_equal(out[..., 0], vol[..., 1]) and np.array_equal(out[..., 1:], vol[..., 1:])
+
+
+def test_one_slice_may_lack_a_sequence(tmp_path, recwarn):
+    img = np.random.default_rng(1).integers(0, 255, (1, 6, 6, 3), dtype=np.uint8)
+    img[..., 2] = 0  # the top of the head: no post-contrast signal on this slice
+    files = _write_volume(tmp_path / "one", img)
+    assert np.array_equal(read_volume(files, "one"), img)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

@@ -49,6 +49,7 @@ class TrainingState:
     rng: dict[str, Any]
     progress: dict[str, Any]  # engine.EpochProgress as a dict
     data_path: str | None = None
+    sampler: str = ""  # data.sampling.SAMPLER of the run ("" before format 2)
 
 
 @dataclass
@@ -204,25 +205,47 @@ def original_model_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
     return ModelConfig(in_channels, out_channels, widths[0], depth, None if same else tuple(widths))
 
 
+def _train_config(d: Any) -> TrainConfig | None:
+    """The stored training config, or None when it is missing or no longer valid: it is
+    needed to resume a run, never to use the model."""
+    if not isinstance(d, dict):
+        return None
+    try:
+        return TrainConfig.from_dict(d)
+    except TumorsegError:
+        return None
+
+
+def _training_state(d: Any) -> TrainingState | None:
+    needed = ("optimizer", "scheduler", "rng", "progress")
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), dict) for k in needed):
+        return None
+    return TrainingState(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(TrainingState)}})
+
+
 def _tumorseg_checkpoint(obj: dict[str, Any], path: Path) -> Checkpoint:
     obj = _migrate(obj, path)
     try:
         cfg = ModelConfig.from_dict(obj["model_config"])
         norm = obj.get("normalization") or {}
+        if not isinstance(norm, dict):
+            raise TypeError(f"normalization is a {type(norm).__name__}, not a mapping")
         percentiles = tuple(float(p) for p in norm.get("percentiles", NORM_PERCENTILES))
-        train_cfg = TrainConfig.from_dict(obj["config"]) if isinstance(obj.get("config"), dict) else None
-        training = TrainingState(**obj["training"]) if isinstance(obj.get("training"), dict) else None
+        channels = obj.get("channels", CHANNELS)
+        if not isinstance(channels, (list, tuple)) or not all(isinstance(c, str) for c in channels):
+            raise TypeError(f"channels must be a list of names, got {channels!r}")
         return Checkpoint(
-            model_config=cfg, state_dict=obj["state_dict"], channels=tuple(obj.get("channels", CHANNELS)),
+            model_config=cfg, state_dict=obj["state_dict"], channels=tuple(channels),
             percentiles=(percentiles[0], percentiles[1]),
-            inference=InferenceConfig.from_dict(obj.get("inference") or {}), train_config=train_cfg,
+            inference=InferenceConfig.from_dict(obj.get("inference") or {}),
+            train_config=_train_config(obj.get("config")),
             epoch=int(obj.get("epoch", 0)), history=list(obj.get("history") or []),
             best=dict(obj.get("best") or {}), metrics=dict(obj.get("metrics") or {}), split=obj.get("split"),
-            training=training, notes=str(obj.get("notes", "")),
+            training=_training_state(obj.get("training")), notes=str(obj.get("notes", "")),
             tumorseg_version=str(obj.get("tumorseg_version", "")), kind="tumorseg", path=str(path),
         )
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        # TumorsegError is a ValueError: a bad stored config lands here too.
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        # TumorsegError is a ValueError: a bad stored inference setting lands here too.
         raise CheckpointError(f"{path}: damaged tumorseg checkpoint ({type(e).__name__}: {e})") from e
 
 

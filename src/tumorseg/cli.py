@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from tumorseg.config import (
@@ -22,6 +23,8 @@ from tumorseg.config import (
     preset,
 )
 from tumorseg.errors import TumorsegError
+from tumorseg.inference import BATCH_SIZE, Predictor
+from tumorseg.runtime import DEVICE_HELP
 
 
 def _describe(name: str) -> str:
@@ -38,18 +41,18 @@ def _add_inference_args(p: argparse.ArgumentParser, default: str) -> None:
                    help=f"{field_help(InferenceConfig, 'threshold')} (default: {default})")
     p.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default=None,
                    help=f"{field_help(InferenceConfig, 'postprocess')} (default: {default})")
-    p.add_argument("--tta", action="store_true", default=None,
-                   help="average with the horizontally flipped image (default: off)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"{field_help(InferenceConfig, 'tta').removesuffix(': true/false')} (default: {default})")
 
 
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", nargs="+", action="extend", default=None, metavar="PATH",
                    help="tumorseg checkpoint or the original unet.pt; several make an ensemble that "
                         "averages probabilities (default: the model shipped with the package)")
-    _add_inference_args(p, "the checkpoint's; 0.5 and none for unet.pt")
+    _add_inference_args(p, "the checkpoint's; for unet.pt 0.5, none, no TTA")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
-                   help="auto uses bf16 on CPUs/GPUs with native bf16 (default: auto)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
+                   help=f"{field_help(TrainConfig, 'precision')} (default: auto)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
 
 
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last.pt (default: start a new run)")
     p.add_argument("--split", default=None, help="use this splits.json instead of making one (default: none)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: PyTorch's choice, the physical cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
@@ -115,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="patient folder, folder of slices, or slice files")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--overlay", action="store_true", help="also write an overlay PNG per slice (default: off)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"slices per forward pass (default: {BATCH_SIZE})")
     _add_common_model_args(p)
     return parser
 
@@ -178,14 +182,15 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     if a.fold is not None and not a.split:
         raise TumorsegError("--fold needs --split (the splits.json of a run)")
-    InferenceConfig().replace(threshold=a.threshold)  # a bad threshold fails before any work
     check_spacing(a.spacing)
     check_output_dir(a.out)
     patients = held_out_patients(a.split, a.fold) if a.split else None
+    # The model first: a bad checkpoint or setting fails before the data are decoded.
+    predictor = Predictor.from_checkpoints(a.checkpoint, threshold=a.threshold, postprocess=a.postprocess,
+                                           tta=a.tta, device=a.device, precision=a.precision)
     cache = open_data(a.data, progress=not a.no_progress)
-    report = evaluate(cache, a.out, checkpoint=a.checkpoint, patients=patients, threshold=a.threshold,
-                      postprocess=a.postprocess, tta=a.tta, precision=a.precision, device=a.device,
-                      spacing=a.spacing, show_progress=not a.no_progress)
+    report = evaluate(cache, a.out, predictor=predictor, patients=patients, spacing=a.spacing,
+                      show_progress=not a.no_progress)
     s = {k: ("n/a" if v is None else f"{v:.4f}") for k, v in report["summary"].items() if k != "patients"}
     print(f"{report['summary']['patients']} patients: per-patient Dice mean {s['dice_mean']} median "
           f"{s['dice_median']} (std {s['dice_std']}); IoU {s['iou_mean']}; HD95 {s['hd95_mean']} px; "
@@ -232,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _log_to_stdout()
+    # A warning is one line too: "tumorseg predict: warning: ...", without Python's source line.
+    show = warnings.showwarning
+    warnings.showwarning = lambda message, category, *rest, **kw: print(  # noqa: E731
+        f"tumorseg {args.command}: warning: {message}", file=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except TumorsegError as e:
@@ -240,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

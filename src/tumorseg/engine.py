@@ -30,10 +30,10 @@ from tumorseg.checkpoint import Checkpoint, TrainingState, load_checkpoint, save
 from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.dataset import SliceArrays, load_arrays
-from tumorseg.data.sampling import batches_of, epoch_order, training_batch
+from tumorseg.data.sampling import SAMPLER, batches_of, epoch_order, training_batch
 from tumorseg.data.splits import Split, load_split, make_split, save_split
 from tumorseg.errors import TumorsegError
-from tumorseg.fileio import atomic_write_text, prepare_output_dir
+from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
 from tumorseg.inference import Predictor
 from tumorseg.losses import make_loss
 from tumorseg.metrics import score_patient
@@ -221,28 +221,52 @@ def fit(
     """
     run_dir = Path(run_dir)
     last_path = run_dir / "last.pt"
-    state: Checkpoint | None = None
-    if resume:
-        state = load_checkpoint(last_path) if last_path.is_file() else None
-        if state is None or state.train_config is None or state.training is None:
-            raise TumorsegError(f"cannot resume: {last_path} does not exist or holds no training state")
+    state = check_run_dir(run_dir, resume)
+    if state is not None:
+        assert state.train_config is not None  # check_run_dir
         cfg, inference = state.train_config, state.inference
-    elif last_path.exists():
-        raise TumorsegError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                            "or choose another --out")
     inference = inference or InferenceConfig()
-    created = not run_dir.exists()
+    # What this call makes, so that a failure before the first checkpoint removes just that.
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    own = [run_dir / n for n in ("config.json", "inference.json", "splits.json") if not (run_dir / n).exists()]
     prepare_output_dir(run_dir)
     try:
         return _fit(cfg, cache, run_dir, inference, state, device, split_file, show_progress, on_epoch,
                     stop_after_steps, data_path)
     except BaseException:
         if not last_path.exists():  # nothing trained yet: leave no half-made run behind
-            for name in ("config.json", "inference.json", "splits.json"):
-                (run_dir / name).unlink(missing_ok=True)
-            if created and not any(run_dir.iterdir()):
-                run_dir.rmdir()
+            for path in own:
+                path.unlink(missing_ok=True)
+            for folder in made:  # innermost first
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         raise
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> Checkpoint | None:
+    """Before any work: the run folder can take a new run (it can be written and holds no
+    run), or, with `resume`, its last.pt can be resumed; returns that checkpoint.
+
+    Raises:
+        TumorsegError: what is wrong, and what to do.
+    """
+    last = run_dir / "last.pt"
+    if not resume:
+        check_output_dir(run_dir)
+        if last.exists():
+            raise TumorsegError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                                "or choose another --out")
+        return None
+    if not last.is_file():
+        raise TumorsegError(f"cannot resume: {last} does not exist")
+    state = load_checkpoint(last)
+    if state.training is None or state.train_config is None:
+        raise TumorsegError(f"cannot resume: {last} holds no training state (a released model?) or no "
+                            "readable training config")
+    if state.training.sampler != SAMPLER:
+        warnings.warn(f"{last} was started by an older tumorseg that drew its batches differently; the "
+                      "resumed run is not identical to an uninterrupted run of that version", stacklevel=2)
+    return state
 
 
 def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConfig, state: Checkpoint | None,
@@ -298,7 +322,7 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
             split={"fold": cfg.fold, "train": train_patients, "val": val_patients},
             training=TrainingState(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                    rng={"torch": torch.get_rng_state()}, progress=asdict(progress),
-                                   data_path=data_path),
+                                   data_path=data_path, sampler=SAMPLER),
         ))
 
     steps_done = 0
@@ -380,21 +404,17 @@ def run_training(
         TumorsegError: no data, nothing to resume, or what `fit` raises.
     """
     run_dir = Path(run_dir)
-    if resume:
-        last = run_dir / "last.pt"
-        if not last.is_file():
-            raise TumorsegError(f"cannot resume: {last} does not exist")
-        state = load_checkpoint(last)
-        if state.training is None or state.train_config is None:
-            raise TumorsegError(f"cannot resume: {last} holds no training state (a released model?)")
+    if not resume and data is None:
+        raise TumorsegError("--data is required (the kaggle_3m folder or a prepared cache)")
+    state = check_run_dir(run_dir, resume)  # before the data are read
+    if state is not None:
+        assert state.training is not None and state.train_config is not None  # check_run_dir
         data = data or state.training.data_path
         if not data:
             raise TumorsegError("pass --data with --resume")
         cfg = state.train_config
-    elif data is None:
-        raise TumorsegError("--data is required (the kaggle_3m folder or a prepared cache)")
-    elif cfg is None:
-        cfg = TrainConfig()
+    cfg = cfg or TrainConfig()
+    assert data is not None
     cache = open_data(data, progress=show_progress)
     return fit(cfg, cache, run_dir, inference=inference, resume=resume, device=device, split_file=split_file,
                show_progress=show_progress, data_path=str(Path(data).resolve()))

@@ -133,7 +133,7 @@ def evaluate(
         truth = np.asarray(cache.masks(patient)) > 0
         # The cache holds the statistics of NORM_PERCENTILES; other percentiles are recomputed.
         same = predictor.percentiles == NORM_PERCENTILES
-        seg = predictor.segment(images, rec.low if same else None, rec.high if same else None, name=patient)
+        seg = predictor.segment(images, rec.low if same else None, rec.high if same else None)
         pred = seg.mask
         s = score_patient(patient, pred, truth)
         scores.append(s)

@@ -12,7 +12,6 @@ probabilities with those of the horizontally flipped slices.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 from tumorseg.checkpoint import Checkpoint, load_checkpoint
 from tumorseg.config import CHANNELS, NORM_PERCENTILES, InferenceConfig, channel_indices
-from tumorseg.data.normalization import fill_missing_sequences, normalize, volume_percentiles
+from tumorseg.data.normalization import normalize, volume_percentiles
 from tumorseg.errors import CheckpointError, ConfigError
 from tumorseg.postprocess import binarize
 from tumorseg.runtime import autocast, precision_name, resolve_precision, select_device
@@ -44,6 +43,9 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
             block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn2)
             block.bn1, block.bn2 = nn.Identity(), nn.Identity()
     return fused
+
+
+BATCH_SIZE = 16  # slices per forward pass, unless the caller says otherwise
 
 
 def default_checkpoint_path() -> Path:
@@ -112,7 +114,7 @@ class Predictor:
         inference: InferenceConfig | None = None,
         device: str | torch.device = "auto",
         precision: str = "auto",
-        batch_size: int = 16,
+        batch_size: int = BATCH_SIZE,
         channels_last: bool = True,
         fuse: bool = True,
         source: str = "",
@@ -151,7 +153,7 @@ class Predictor:
         tta: bool | None = None,
         device: str | torch.device = "auto",
         precision: str = "auto",
-        batch_size: int = 16,
+        batch_size: int = BATCH_SIZE,
     ) -> Predictor:
         """A Predictor of one checkpoint, or an ensemble of several (they must agree on
         channels and normalisation; the first one's inference settings apply), or of the
@@ -239,22 +241,15 @@ class Predictor:
     # ------------------------------------------------------------------ raw volumes
 
     def normalize_volume(self, volume: np.ndarray, low: Sequence[float] | None = None,
-                         high: Sequence[float] | None = None, name: str = "") -> torch.Tensor:
+                         high: Sequence[float] | None = None) -> torch.Tensor:
         """Model input float32 (S, C, H, W) for a raw volume uint8 (S, H, W, 3).
 
         The channels are normalised with `low`/`high` (statistics of all three channels,
-        e.g. from the cache) or, when not given, with the percentiles of this volume. A
-        pre- or post-contrast channel that is constant over the volume (a missing sequence
-        filled with zeros) is replaced by FLAIR first, with a warning naming `name`.
+        e.g. from the cache) or, when not given, with the percentiles of this volume.
         """
         volume = np.asarray(volume)
         if volume.ndim != 4 or volume.shape[-1] != len(CHANNELS):
             raise ConfigError(f"expected a volume (S, H, W, {len(CHANNELS)}), got {volume.shape}")
-        volume, filled = fill_missing_sequences(volume)
-        if filled:
-            warnings.warn(f"{name or 'volume'}: {' and '.join(filled)} constant over the whole volume (a missing "
-                          "sequence); filled with FLAIR, as kaggle_3m does", stacklevel=2)
-            low = high = None  # the given statistics describe the empty channel
         if low is None or high is None:
             low, high = volume_percentiles(volume, self.percentiles)
         ch = self._channel_index
@@ -262,10 +257,10 @@ class Predictor:
         return normalize(x, torch.tensor([low[c] for c in ch]), torch.tensor([high[c] for c in ch]))
 
     def segment(self, volume: np.ndarray, low: Sequence[float] | None = None,
-                high: Sequence[float] | None = None, name: str = "") -> Segmentation:
+                high: Sequence[float] | None = None) -> Segmentation:
         """Segment one patient volume uint8 (S, H, W, 3): normalise (see
         `normalize_volume`), predict, threshold and post-process as configured."""
-        probs = self.predict(self.normalize_volume(volume, low, high, name)).probabilities[:, 0].numpy()
+        probs = self.predict(self.normalize_volume(volume, low, high)).probabilities[:, 0].numpy()
         mask = binarize(probs, self.inference)
         removed = int(np.count_nonzero(probs > self.inference.threshold)) - int(np.count_nonzero(mask))
         return Segmentation(mask=mask, probabilities=probs, removed_voxels=removed)

@@ -81,11 +81,13 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] | None 
     t = np.asarray(truth, dtype=bool)
     if p.shape != t.shape:
         raise ValueError(f"pred and truth shapes differ: {p.shape} vs {t.shape}")
+    if spacing is not None and (len(spacing) != p.ndim or not all(math.isfinite(v) and v > 0 for v in spacing)):
+        raise ValueError(f"spacing must give one positive step per axis ({p.ndim}), got {spacing}")
     if not p.any() and not t.any():
         return 0.0
     if not p.any() or not t.any():
         return math.nan
-    sampling = spacing if spacing is not None else (1.0,) * p.ndim
+    sampling = tuple(spacing) if spacing is not None else (1.0,) * p.ndim
     sp, st = _surface(p), _surface(t)
     dt_t = ndimage.distance_transform_edt(~st, sampling=sampling)
     dt_p = ndimage.distance_transform_edt(~sp, sampling=sampling)

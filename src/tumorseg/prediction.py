@@ -33,7 +33,7 @@ from tumorseg.data.kaggle import find_patient_dirs
 from tumorseg.data.slices import IMAGE_SUFFIXES, mask_png, read_volume, slice_images, write_png
 from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
-from tumorseg.inference import Predictor, check_model_arguments
+from tumorseg.inference import BATCH_SIZE, Predictor, check_model_arguments
 
 
 @dataclass
@@ -99,7 +99,7 @@ def predict(
     tta: bool | None = None,
     precision: str = "auto",
     device: str | torch.device = "auto",
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     show_progress: bool = True,
     predictor: Predictor | None = None,
 ) -> list[VolumeSummary]:
@@ -117,6 +117,7 @@ def predict(
     check_model_arguments(predictor, checkpoint=checkpoint, threshold=threshold, postprocess=postprocess, tta=tta)
     volumes = collect_volumes(inputs)
     out = check_output_dir(out_dir)
+    read_summary(out / "summary.csv")  # a table we could not merge into fails now, not after the work
     if predictor is None:
         predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess, tta=tta,
                                                device=device, precision=precision, batch_size=batch_size)
@@ -124,7 +125,7 @@ def predict(
     bar = None if show_progress and len(volumes) > 1 else True  # None: only on a terminal
     for vol in tqdm(volumes, desc="predicting", unit="volume", disable=bar):
         images = read_volume(vol.files, vol.name)
-        seg = predictor.segment(images, name=vol.name)
+        seg = predictor.segment(images)
         masks = seg.mask
         vdir = prepare_output_dir(out / vol.name)
         for f, img, m in zip(vol.files, images, masks, strict=True):
@@ -158,15 +159,31 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def read_summary(path: Path) -> dict[str, dict[str, str]]:
+    """The rows of an existing summary table by volume ({} when there is none).
+
+    Raises:
+        DataError: the path is a folder, or the file is not a summary table.
+    """
+    if not path.exists():
+        return {}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "volume" not in reader.fieldnames:
+                raise ValueError("no 'volume' column")
+            return {r["volume"]: r for r in reader if r.get("volume")}
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
+        raise DataError(f"{path} is not a tumorseg summary table ({e}); move it away or choose another "
+                        "--out") from e
+
+
 def merge_summary(path: Path, summaries: Sequence[VolumeSummary]) -> None:
     """Add or replace the rows of `summaries` in the summary table at `path`, keeping every
     other row: read, merge and atomically rewrite under a lock, so runs into one folder,
     one after the other or at once, never lose a row. Rows are sorted by volume."""
     with _locked(path.parent):
-        rows: dict[str, dict[str, str]] = {}
-        if path.is_file():
-            with path.open(newline="") as f:
-                rows = {r["volume"]: r for r in csv.DictReader(f) if r.get("volume")}
+        rows = read_summary(path)
         for s in summaries:
             rows[s.volume] = {k: str(v) for k, v in asdict(s).items()}
         buf = io.StringIO()

@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 from tumorseg.config import PRECISION_CHOICES
 from tumorseg.errors import ConfigError
 
+DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto (CUDA, then MPS, then the CPU)"
+
 
 def select_device(name: str | torch.device = "auto") -> torch.device:
     """"auto" picks CUDA, then Apple MPS, then the CPU.

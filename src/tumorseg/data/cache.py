@@ -31,7 +31,7 @@ from tumorseg.data.normalization import volume_percentiles
 from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write, atomic_write_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: missing sequences filled with FLAIR when read
 MANIFEST = "manifest.json"
 
 

@@ -17,6 +17,9 @@ from tumorseg.data.transforms import augment_batch, crop_batch, replace_sequence
 
 # The purposes of seeded generators, so that the streams never coincide.
 _ORDER, _STEP = 0, 1
+# How batches are drawn; recorded in checkpoints so that a resume can tell a run started
+# by a version that drew them differently (tumorseg 0.1's checkpoints have none).
+SAMPLER = "seedsequence-1"
 
 
 def seeded_generator(purpose: int, seed: int, epoch: int, step: int = 0) -> torch.Generator:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tumorseg.data.normalization import fill_missing_sequences
 from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write
 
@@ -138,6 +139,11 @@ def read_mask(path: str | Path) -> np.ndarray:
 def read_volume(files: Sequence[Path], name: str) -> np.ndarray:
     """Read the image slices `files` (in order) of volume `name` as uint8 (S, H, W, 3).
 
+    Single-channel slices are FLAIR alone (see `read_image`); a pre- or post-contrast
+    sequence that is constant over a volume of several slices (missing, filled with zeros
+    by another tool) is replaced by FLAIR (`normalization.fill_missing_sequences`). Both
+    with a warning naming the volume.
+
     Raises:
         DataError: an unreadable slice, or slices of different sizes.
     """
@@ -157,7 +163,13 @@ def read_volume(files: Sequence[Path], name: str) -> np.ndarray:
         warnings.warn(f"{name}: {grey} of {len(slices)} slices have one channel; read as FLAIR, with FLAIR "
                       "also in place of the pre- and post-contrast sequences (as kaggle_3m fills missing "
                       "sequences)", stacklevel=2)
-    return np.stack(slices)
+    volume = np.stack(slices)
+    if len(volume) > 1:  # one slice may lack a sequence where the head ends; a volume may not
+        volume, filled = fill_missing_sequences(volume)
+        if filled:
+            warnings.warn(f"{name}: {' and '.join(filled)} constant over all {len(volume)} slices (a missing "
+                          "sequence); filled with FLAIR, as kaggle_3m does", stacklevel=2)
+    return volume
 
 
 def write_png(path: str | os.PathLike[str], pixels: np.ndarray) -> Path:
