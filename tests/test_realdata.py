@@ -8,6 +8,8 @@ normalisation): mean 0.8899, median 0.9169.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,38 @@ def test_shipped_model_on_its_held_out_patients(dev_set, tmp_path):
     assert report["postprocess"] == "lcc" and report["threshold"] == 0.5
     assert report["summary"]["dice_mean"] == pytest.approx(0.8807, abs=0.003)
     assert report["summary"]["dice_median"] == pytest.approx(0.9155, abs=0.003)
+
+
+@pytest.mark.parametrize("kind", ["zero-filled sequences", "FLAIR-only slices", "masks stored 0/1"])
+def test_inputs_as_other_tools_write_them_score_as_the_original(real_data, tmp_path, kind):
+    """A real patient written as other tools write it: the missing sequences as zeros,
+    single-channel FLAIR slices, or 0/1 masks. Each must be read as kaggle_3m means it,
+    not scored near 0 (the zero-filled volume gives Dice 0.40 without the FLAIR fill)."""
+    from PIL import Image
+
+    patient = "TCGA_CS_4943_20000902"
+    if not (real_data / patient).is_dir():
+        pytest.skip(f"{patient} is not in this download")
+    numbers, volume, masks = read_patient(real_data / patient)
+    predictor = Predictor.from_checkpoints(precision="fp32")  # the shipped model
+    intact = score_patient(patient, predictor.segment(volume).mask, masks > 0).dice
+    folder = tmp_path / patient
+    folder.mkdir()
+    for n, image, mask in zip(numbers, volume, masks, strict=True):
+        if kind == "zero-filled sequences":
+            image = image.copy()
+            image[..., [0, 2]] = 0
+        pixels = image[..., 1] if kind == "FLAIR-only slices" else image
+        Image.fromarray(pixels).save(folder / f"{patient}_{n}.tif")
+        Image.fromarray(mask * (1 if kind == "masks stored 0/1" else 255)).save(folder / f"{patient}_{n}_mask.tif")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, read_images, read_masks = read_patient(folder)
+    assert np.array_equal(read_masks, masks)
+    dice = score_patient(patient, predictor.segment(read_images).mask, read_masks > 0).dice
+    assert intact == pytest.approx(0.9347, abs=3e-3)
+    if kind == "masks stored 0/1":
+        assert dice == intact and not caught
+    else:  # FLAIR in place of the other sequences: close to the intact volume (0.928)
+        assert dice > intact - 0.02
+        assert any("FLAIR" in str(w.message) for w in caught)
