@@ -29,6 +29,9 @@ from tumorseg.errors import ConfigError
 
 KNOWN_FIELDS = ", ".join(sorted(f.name for f in fields(TrainConfig)))
 
+POSTPROCESS_ERROR = ("postprocess must be none, lcc, min_size:N (N >= 1) or confident:P (0 < P < 1), "
+                     "got 'biggest'")
+
 
 # --------------------------------------------------------------------------- help texts
 
@@ -70,7 +73,7 @@ def test_inference_defaults():
         ({"threshold": -0.1}, "threshold must be between 0 and 1, got -0.1"),
         ({"threshold": "x"}, "threshold must be between 0 and 1, got 'x'"),
         ({"threshold": float("nan")}, "threshold must be between 0 and 1, got nan"),
-        ({"postprocess": "biggest"}, "postprocess must be one of none, lcc, got 'biggest'"),
+        ({"postprocess": "biggest"}, POSTPROCESS_ERROR),
         ({"tta": "yes"}, "tta must be true or false, got 'yes'"),
     ],
 )
@@ -91,7 +94,7 @@ def test_inference_replace_ignores_none_and_checks_values():
     assert str(e.value) == "threshold must be between 0 and 1, got 1.5"
     with pytest.raises(ConfigError) as e:
         base.replace(postprocess="biggest")
-    assert str(e.value) == "postprocess must be one of none, lcc, got 'biggest'"
+    assert str(e.value) == POSTPROCESS_ERROR
 
 
 def test_inference_from_dict_ignores_unknown_keys():

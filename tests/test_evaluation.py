@@ -20,6 +20,9 @@ from tumorseg.inference import Predictor
 
 PIXELS = 32 * 32  # per slice of the synthetic data
 
+POSTPROCESS_ERROR = ("postprocess must be none, lcc, min_size:N (N >= 1) or confident:P (0 < P < 1), "
+                     "got 'biggest'")
+
 
 class Constant(nn.Module):
     """The same logit everywhere: +10 = all tumour, -10 = nothing."""
@@ -272,7 +275,7 @@ def test_unlabelled_patient(kaggle, tmp_path, monkeypatch):
     [
         ({"threshold": 5}, "threshold must be between 0 and 1, got 5"),
         ({"threshold": 0.0}, "threshold must be between 0 and 1, got 0.0"),
-        ({"postprocess": "biggest"}, "postprocess must be one of none, lcc, got 'biggest'"),
+        ({"postprocess": "biggest"}, POSTPROCESS_ERROR),
         ({"tta": "yes"}, "tta must be true or false, got 'yes'"),
     ],
 )

@@ -63,6 +63,40 @@ def test_binarize_thresholds_strictly_then_post_processes():
 def test_every_choice_is_implemented_and_unknown_ones_are_refused():
     m = np.ones((1, 2, 2), dtype=bool)
     for choice in POSTPROCESS_CHOICES:
-        assert postprocess(m, choice).shape == m.shape
-    with pytest.raises(ConfigError, match="postprocess must be one of none, lcc, got 'biggest'"):
-        postprocess(m, "biggest")
+        method = choice.replace(":N", ":2").replace(":P", ":0.5")
+        assert postprocess(m, method, np.full(m.shape, 0.9)).shape == m.shape
+        InferenceConfig(postprocess=method)
+    for bad in ["biggest", "min_size:0", "min_size:x", "confident:1", "confident:0", "lcc:2", 3]:
+        with pytest.raises(ConfigError) as e:
+            postprocess(m, bad) if isinstance(bad, str) else InferenceConfig(postprocess=bad)
+        assert str(e.value) == ("postprocess must be none, lcc, min_size:N (N >= 1) or confident:P (0 < P < 1), "
+                                f"got {bad!r}")
+
+
+def _three_components() -> tuple[np.ndarray, np.ndarray]:
+    """A 5-voxel component (peak 0.95), a 3-voxel one (peak 0.9) and a 1-voxel one (0.6)."""
+    probs = np.zeros((2, 6, 6), dtype=np.float32)
+    probs[0, 0, 0:3] = 0.7
+    probs[1, 0, 0:2] = 0.95
+    probs[0, 4, 3:6] = 0.9
+    probs[1, 5, 0] = 0.6
+    return probs > 0.5, probs
+
+
+def test_min_size_drops_small_components_and_keeps_every_large_one():
+    mask, probs = _three_components()
+    assert int(postprocess(mask, "min_size:1").sum()) == 9
+    assert int(postprocess(mask, "min_size:3").sum()) == 8
+    kept = postprocess(mask, "min_size:4")
+    assert int(kept.sum()) == 5 and kept[1, 0, 0] and not kept[0, 4, 4]
+    assert not postprocess(mask, "min_size:6").any()
+
+
+def test_confident_keeps_components_by_their_peak_probability():
+    mask, probs = _three_components()
+    assert int(postprocess(mask, "confident:0.6", probs).sum()) == 9
+    assert int(postprocess(mask, "confident:0.9", probs).sum()) == 8  # both foci of a multifocal tumour
+    assert int(postprocess(mask, "confident:0.95", probs).sum()) == 5
+    assert int(binarize(probs, InferenceConfig(postprocess="confident:0.9")).sum()) == 8
+    with pytest.raises(ConfigError, match="needs the probabilities"):
+        postprocess(mask, "confident:0.9")

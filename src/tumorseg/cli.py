@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 from tumorseg.config import (
-    POSTPROCESS_CHOICES,
     PRECISION_CHOICES,
     PRESETS,
     InferenceConfig,
@@ -39,7 +38,7 @@ def _add_inference_args(p: argparse.ArgumentParser, default: str) -> None:
     where an option left out comes from."""
     p.add_argument("--threshold", type=float, default=None,
                    help=f"{field_help(InferenceConfig, 'threshold')} (default: {default})")
-    p.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default=None,
+    p.add_argument("--postprocess", default=None, metavar="METHOD",
                    help=f"{field_help(InferenceConfig, 'postprocess')} (default: {default})")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help=f"{field_help(InferenceConfig, 'tta').removesuffix(': true/false')} (default: {default})")

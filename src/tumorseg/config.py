@@ -33,10 +33,32 @@ CHANNELS: tuple[str, ...] = ("pre-contrast", "FLAIR", "post-contrast")
 NORM_PERCENTILES: tuple[float, float] = (10.0, 99.0)
 
 # The choices of the enumerated fields, checked in `check_*` below and offered by the CLI.
-POSTPROCESS_CHOICES: tuple[str, ...] = ("none", "lcc")  # lcc: largest 3-D connected component
+# Post-processing of a patient's thresholded volume: "none"; "lcc", the largest 3-D connected
+# component; "min_size:N", without the components of fewer than N voxels; "confident:P",
+# the components whose highest probability reaches P (multifocal tumours survive).
+POSTPROCESS_CHOICES: tuple[str, ...] = ("none", "lcc", "min_size:N", "confident:P")
 PRECISION_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp32")
 LOSS_CHOICES: tuple[str, ...] = ("dice", "dice_per_image", "bce_dice")
 SCHEDULE_CHOICES: tuple[str, ...] = ("step", "cosine")
+
+
+_INVALID = object()
+
+
+def postprocess_parameter(method: Any) -> Any:
+    """The parameter of a post-processing method: None for "none"/"lcc", the N of
+    "min_size:N", the P of "confident:P"; `_INVALID` for anything else."""
+    if method in ("none", "lcc"):
+        return None
+    name, _, value = str(method).partition(":") if isinstance(method, str) else ("", "", "")
+    try:
+        if name == "min_size" and value.isdigit() and int(value) >= 1:
+            return int(value)
+        if name == "confident" and 0.0 < float(value) < 1.0:
+            return float(value)
+    except ValueError:
+        pass
+    return _INVALID
 
 
 def _field(default: Any, help: str) -> Any:
@@ -112,7 +134,9 @@ class InferenceConfig:
     """
 
     threshold: float = _field(0.5, "probability threshold of the tumour mask, in (0, 1)")
-    postprocess: str = _field("none", "none, or lcc to keep the largest 3-D connected component")
+    postprocess: str = _field(
+        "none", "none; lcc (largest 3-D connected component); min_size:N (drop components under N voxels); "
+                "confident:P (keep components whose highest probability reaches P)")
     tta: bool = _field(False, "average with the horizontally flipped image: true/false")
 
     def __post_init__(self) -> None:
@@ -120,8 +144,9 @@ class InferenceConfig:
         _check([
             (real and 0.0 < float(self.threshold) < 1.0,
              f"threshold must be between 0 and 1, got {self.threshold!r}"),
-            (self.postprocess in POSTPROCESS_CHOICES,
-             f"postprocess must be one of {', '.join(POSTPROCESS_CHOICES)}, got {self.postprocess!r}"),
+            (postprocess_parameter(self.postprocess) is not _INVALID,
+             f"postprocess must be none, lcc, min_size:N (N >= 1) or confident:P (0 < P < 1), "
+             f"got {self.postprocess!r}"),
             (isinstance(self.tta, bool), f"tta must be true or false, got {self.tta!r}"),
         ])
         object.__setattr__(self, "threshold", float(self.threshold))  # a plain float, also from numpy
