@@ -44,6 +44,21 @@ def _add_inference_args(p: argparse.ArgumentParser, default: str) -> None:
                    help=f"{field_help(InferenceConfig, 'tta').removesuffix(': true/false')} (default: {default})")
 
 
+def _add_train_config_args(p: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
+                       metavar=f.name.upper(), help=_describe(f.name))
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise TumorsegError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", nargs="+", action="extend", default=None, metavar="PATH",
                    help="tumorseg checkpoint or the original unet.pt; several make an ensemble that "
@@ -91,10 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: PyTorch's choice, the physical cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
-    for f in dataclasses.fields(TrainConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
-                       metavar=f.name.upper(), help=_describe(f.name))
+    _add_train_config_args(p)
     _add_inference_args(p, "0.5, none; validation only, recorded in the checkpoints")
+
+    p = sub.add_parser("crossval", help="train every fold, score every patient out of fold, choose post-processing",
+                       description="Train every fold of one patient split into RUN/fold_<k>, score each patient "
+                                   "with the fold model that never saw it, and choose the threshold and "
+                                   "post-processing on those out-of-fold predictions; writes RUN/crossval/. "
+                                   "Run it again to continue an interrupted cross-validation.")
+    p.add_argument("--data", required=True, help="kaggle_3m folder or a prepared cache (required)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder (required)")
+    p.add_argument("--config", default=None, help="JSON/TOML/YAML file of config fields (default: none)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="seed = the original recipe; default = tumorseg's recipe (default: default)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: PyTorch's choice, the physical cores)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
+    _add_train_config_args(p)
 
     p = sub.add_parser("evaluate", help="per-patient scores and a report on labelled data",
                        description="Score a model on labelled patients: per-patient Dice, IoU, "
@@ -134,14 +163,9 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    import torch
-
     from tumorseg.engine import run_training
 
-    if a.threads is not None:
-        if a.threads < 1:
-            raise TumorsegError(f"--threads must be >= 1, got {a.threads}")
-        torch.set_num_threads(a.threads)
+    _set_threads(a.threads)
     options = {f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)}
     inference_options = {"threshold": a.threshold, "postprocess": a.postprocess, "tta": a.tta}
     if a.resume:
@@ -170,6 +194,29 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return 0
     print(f"done: {result.epochs_done} epochs; best validation per-patient Dice mean "
           f"{result.best_dice:.4f} at epoch {result.best_epoch} ({run_dir / 'best.pt'})")
+    return 0
+
+
+def _cmd_crossval(a: argparse.Namespace) -> int:
+    from tumorseg.crossval import crossval
+
+    _set_threads(a.threads)
+    options = {f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)}
+    if options.get("fold") is not None:
+        raise TumorsegError("crossval trains every fold; drop --fold")
+    cfg = merge_layers(a.preset, a.config, options)
+    report = crossval(cfg, a.data, a.out, device=a.device, show_progress=not a.no_progress)
+    if report is None:
+        print(f"interrupted; continue with the same command (`tumorseg crossval ... --out {a.out}`)",
+              file=sys.stderr)
+        return 130
+    s = report["summary"]
+    print(f"{s['patients']} patients out of fold: per-patient Dice mean {s['dice_mean']:.4f} median "
+          f"{s['dice_median']:.4f}, with threshold {report['threshold']} and postprocess {report['postprocess']} "
+          "chosen on these predictions")
+    for f in report["folds"]:
+        print(f"  fold {f['fold']}: {f['patients']} patients, mean {f['dice_mean']:.4f} median {f['dice_median']:.4f}")
+    print(f"report: {Path(a.out) / 'crossval' / 'report.json'}")
     return 0
 
 
@@ -213,7 +260,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "crossval": _cmd_crossval, "evaluate": _cmd_evaluate,
+            "predict": _cmd_predict}
 
 
 class _Lines(logging.Handler):

@@ -14,7 +14,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,6 @@ def evaluate(
     Raises:
         TumorsegError: unknown or unlabelled patients, bad settings, an unusable out_dir.
     """
-    from tumorseg.plots import plot_dice_distribution, plot_examples
-
     spacing = check_spacing(spacing)
     names = list(patients) if patients is not None else cache.patients
     unknown = [p for p in names if p not in cache.records]
@@ -122,11 +120,7 @@ def evaluate(
         predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess,
                                                tta=tta, device=device, precision=precision)
 
-    scores: list[PatientScores] = []
-    tumour_dices: list[float] = []
-    fp_slices = empty_slices = 0
-    examples: list[tuple[float, str, int, np.ndarray, np.ndarray, np.ndarray]] = []
-    hd95_mm: dict[str, float] = {}
+    scored: list[ScoredPatient] = []
     for patient in tqdm(names, desc="evaluating", unit="patient", disable=None if show_progress else True):
         rec = cache.records[patient]
         images = np.asarray(cache.images(patient))
@@ -134,20 +128,8 @@ def evaluate(
         # The cache holds the statistics of NORM_PERCENTILES; other percentiles are recomputed.
         same = predictor.percentiles == NORM_PERCENTILES
         seg = predictor.segment(images, rec.low if same else None, rec.high if same else None)
-        pred = seg.mask
-        s = score_patient(patient, pred, truth)
-        scores.append(s)
-        if spacing is not None:  # kaggle_3m TIFFs carry no spacing: the user supplies it
-            hd95_mm[patient] = hd95(pred, truth, spacing) if not math.isnan(s.hd95) else math.nan
-        d, fp, empty = slice_scores(pred, truth)
-        tumour_dices += d
-        fp_slices += fp
-        empty_slices += empty
-        k = int(truth.reshape(len(truth), -1).sum(1).argmax())
-        examples.append((s.dice, patient, rec.slices[k], images[k], truth[k], pred[k]))
-
-    summary = summarize(scores, tumour_dices, fp_slices, empty_slices)
-    report = {
+        scored.append(score_volume(patient, seg.mask, truth, images, rec.slices, spacing))
+    header = {
         "checkpoint": predictor.source,
         "checkpoint_kind": "ensemble" if len(predictor.models) > 1 else predictor.kind,
         "models": len(predictor.models),
@@ -156,25 +138,73 @@ def evaluate(
         "tta": predictor.inference.tta,
         "precision": predictor.precision,
         "channels": list(predictor.channels),
+    }
+    return write_report(out_dir, header, scored, plots=plots)
+
+
+@dataclass
+class ScoredPatient:
+    """Everything a report needs of one patient."""
+
+    scores: PatientScores
+    slice_dices: list[float]  # Dice of each slice with tumour in the truth
+    fp_slices: int  # tumour-free slices with a predicted pixel
+    empty_slices: int  # tumour-free slices
+    hd95_mm: float | None  # with a known spacing
+    example: tuple[float, str, int, np.ndarray, np.ndarray, np.ndarray]  # (dice, patient, slice, image, truth, pred)
+    extra: dict[str, Any] = field(default_factory=dict)  # more per-patient fields of a report (e.g. the fold)
+
+
+def score_volume(patient: str, pred: np.ndarray, truth: np.ndarray, images: np.ndarray, slice_numbers: list[int],
+                 spacing: tuple[float, float, float] | None = None, **extra: Any) -> ScoredPatient:
+    """Score a predicted volume bool (S, H, W) against the truth, keeping the slice with the
+    most tumour (of images uint8 (S, H, W, 3)) as the report's example."""
+    s = score_patient(patient, pred, truth)
+    mm = None
+    if spacing is not None:  # kaggle_3m TIFFs carry no spacing: the user supplies it
+        mm = hd95(pred, truth, spacing) if not math.isnan(s.hd95) else math.nan
+    d, fp, empty = slice_scores(pred, truth)
+    k = int(truth.reshape(len(truth), -1).sum(1).argmax())
+    return ScoredPatient(s, d, fp, empty, mm, (s.dice, patient, slice_numbers[k], images[k], truth[k], pred[k]),
+                         dict(extra))
+
+
+def write_report(out_dir: str | Path, header: dict[str, Any], scored: list[ScoredPatient], *,
+                 plots: bool = True, sections: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write report.json (`header`, the summary, the per-patient records and `sections`),
+    per_patient.csv and, with `plots`, dice_distribution.png and examples.png; returns the
+    report dictionary."""
+    from tumorseg.plots import plot_dice_distribution, plot_examples
+
+    scores = [p.scores for p in scored]
+    summary = summarize(scores, [d for p in scored for d in p.slice_dices], sum(p.fp_slices for p in scored),
+                        sum(p.empty_slices for p in scored))
+    with_mm = any(p.hd95_mm is not None for p in scored)
+    records = [
+        {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(p.scores).items()}
+        | ({"hd95_mm": _finite(p.hd95_mm)} if p.hd95_mm is not None else {}) | p.extra
+        for p in scored
+    ]
+    report = {
+        **header,
         "empty_mask_rule": EMPTY_MASK_RULE,
         "summary": {k: _finite(v) if isinstance(v, float) else v for k, v in summary.items()},
-        "patients": [
-            {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(s).items()}
-            | ({"hd95_mm": _finite(hd95_mm[s.patient])} if s.patient in hd95_mm else {})
-            for s in scores
-        ],
+        **(sections or {}),
+        "patients": records,
     }
     out = prepare_output_dir(out_dir)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=PATIENT_FIELDS + (["hd95_mm"] if hd95_mm else []), lineterminator="\n")
+    extra_fields = [k for k in (scored[0].extra if scored else {})]
+    w = csv.DictWriter(buf, fieldnames=PATIENT_FIELDS + (["hd95_mm"] if with_mm else []) + extra_fields,
+                       lineterminator="\n")
     w.writeheader()
-    w.writerows(report["patients"])
+    w.writerows(records)
     atomic_write_text(out / "per_patient.csv", buf.getvalue())
     if plots:
         plot_dice_distribution({s.patient: s.dice for s in scores}, out / "dice_distribution.png",
                                title=f"Per-patient Dice ({len(scores)} patients)")
-        examples.sort(key=lambda e: e[0])
+        examples = sorted((p.example for p in scored), key=lambda e: e[0])
         pick = sorted({round(q * (len(examples) - 1)) for q in np.linspace(0, 1, min(8, len(examples)))})
         plot_examples(
             [(f"{examples[i][1]} #{examples[i][2]}\nDice {examples[i][0]:.3f}", *examples[i][3:])

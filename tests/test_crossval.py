@@ -1,0 +1,121 @@
+"""crossval: folds in their own run folders, out-of-fold report, resumption, and the
+choice of threshold and post-processing on out-of-fold predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from tumorseg import cli
+from tumorseg.config import InferenceConfig, TrainConfig, replace_config
+from tumorseg.crossval import METHODS, THRESHOLDS, choose_postprocessing, crossval
+
+TINY = dict(n_features=4, depth=3, features=None, epochs=1, batch_size=4, folds=3, crop=16, samples_per_epoch=8,
+            tumour_fraction=0.5, precision="fp32", channels_last=False, lr=1e-2)
+PATIENTS = {"PAT_A_2001": 4, "PAT_B_2002": 3, "PAT_C_2003": 3, "PAT_D_2004": 3}
+
+
+def tiny(**kw) -> TrainConfig:
+    return replace_config(TrainConfig(), {**TINY, **kw})
+
+
+def test_choice_on_out_of_fold_predictions_by_hand():
+    """Two patients. P1: a true focus at 0.9 and a weak false positive of 2 voxels at 0.55;
+    P2: two true foci (multifocal), 4 voxels at 0.9 and 2 voxels at 0.7."""
+    p1 = np.zeros((2, 6, 6), np.float32)
+    t1 = np.zeros((2, 6, 6), bool)
+    p1[0, 0, :4] = 0.9
+    t1[0, 0, :4] = True
+    p1[1, 5, 4:6] = 0.55  # false positive
+    p2 = np.zeros((2, 6, 6), np.float32)
+    t2 = np.zeros((2, 6, 6), bool)
+    p2[0, 0, :4] = 0.9
+    t2[0, 0, :4] = True
+    p2[1, 5, 4:6] = 0.7  # a second true focus
+    t2[1, 5, 4:6] = True
+    chosen, table = choose_postprocessing({"P1": p1, "P2": p2}, {"P1": t1, "P2": t2})
+    rows = {(r["threshold"], r["postprocess"]): r for r in table}
+    assert len(table) == len(THRESHOLDS) * len(METHODS)
+    # At 0.5: none keeps P1's false positive (P1 2*4/(8+2) = 0.8, P2 1.0); lcc drops P2's second
+    # focus (1.0 and 0.8); confident:0.8 drops both the false positive and that focus (peak 0.7).
+    # At 0.6 without post-processing both patients are exact: the first candidate at 1.0 wins.
+    assert rows[(0.5, "none")]["dice_mean"] == pytest.approx(0.9)
+    assert rows[(0.5, "lcc")]["dice_mean"] == pytest.approx(0.9)
+    assert rows[(0.5, "confident:0.8")]["dice_mean"] == pytest.approx(0.9)
+    assert rows[(0.5, "min_size:10")]["dice_mean"] == 0.0  # every component is smaller
+    assert rows[(0.6, "none")]["dice_mean"] == pytest.approx(1.0)
+    assert rows[(0.6, "none")]["dice_median"] == pytest.approx(1.0)
+    assert chosen == InferenceConfig(threshold=0.6, postprocess="none")
+    assert max(r["dice_mean"] for r in table) == pytest.approx(1.0)
+
+
+def test_crossval_trains_every_fold_scores_out_of_fold_and_resumes(make_kaggle, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "cache"))
+    data = make_kaggle(patients=PATIENTS, strays=False)
+    run = tmp_path / "run"
+    report = crossval(tiny(), data.root, run, precision="fp32", show_progress=False, plots=False)
+    split = json.loads((run / "splits.json").read_text())
+    assert len(split["folds"]) == 3 and sorted(p for f in split["folds"] for p in f) == sorted(PATIENTS)
+    for k in range(3):
+        assert (run / f"fold_{k}" / "last.pt").is_file()
+        assert json.loads((run / f"fold_{k}" / "splits.json").read_text()) == split
+    # every patient scored by the fold that held it out
+    fold_of = {p: k for k, f in enumerate(split["folds"]) for p in f}
+    assert {r["patient"]: r["fold"] for r in report["patients"]} == fold_of
+    assert [f["fold"] for f in report["folds"]] == [0, 1, 2]
+    assert sum(f["patients"] for f in report["folds"]) == len(PATIENTS) == report["summary"]["patients"]
+    saved = json.loads((run / "crossval" / "report.json").read_text())
+    assert saved["summary"] == report["summary"]
+    pp = json.loads((run / "crossval" / "postprocessing.json").read_text())
+    assert (pp["chosen"]["threshold"], pp["chosen"]["postprocess"]) == (report["threshold"], report["postprocess"])
+    assert max(c["dice_mean"] for c in pp["candidates"]) == pytest.approx(report["summary"]["dice_mean"])
+    rows = list(csv.DictReader((run / "crossval" / "per_patient.csv").open()))
+    assert [r["fold"] for r in rows] == [str(fold_of[r["patient"]]) for r in rows]
+    for p, n in PATIENTS.items():
+        probs = np.load(run / "crossval" / "probabilities" / f"{p}.npy")
+        assert probs.shape == (n, 32, 32) and probs.dtype == np.float16
+    # run again: nothing is trained or predicted anew, the same report comes out
+    stamps = {k: (run / f"fold_{k}" / "last.pt").stat().st_mtime_ns for k in range(3)}
+    again = crossval(tiny(), data.root, run, precision="fp32", show_progress=False, plots=False)
+    assert {k: (run / f"fold_{k}" / "last.pt").stat().st_mtime_ns for k in range(3)} == stamps
+    assert again["summary"] == report["summary"]
+
+
+def test_an_interrupted_fold_continues(make_kaggle, tmp_path, monkeypatch):
+    from tumorseg.engine import fit
+
+    monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "cache"))
+    data = make_kaggle(patients=PATIENTS, strays=False)
+    run = tmp_path / "run"
+    calls = []
+
+    def stop_fold_1_early(cfg, cache, run_dir, **kw):
+        calls.append((run_dir.name, kw.get("resume", False)))
+        if run_dir.name == "fold_1" and not kw.get("resume"):
+            kw["stop_after_steps"] = 1
+        return fit(cfg, cache, run_dir, **kw)
+
+    monkeypatch.setattr("tumorseg.crossval.fit", stop_fold_1_early)
+    assert crossval(tiny(epochs=2), data.root, run, precision="fp32", show_progress=False, plots=False) is None
+    assert calls == [("fold_0", False), ("fold_1", False)]
+    calls.clear()
+    assert crossval(tiny(epochs=2), data.root, run, precision="fp32", show_progress=False, plots=False)
+    assert calls == [("fold_1", True), ("fold_2", False)]  # fold 0 was done
+
+
+def test_crossval_cli(make_kaggle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "cache"))
+    data = make_kaggle(patients=PATIENTS, strays=False)
+    args = ["crossval", "--data", str(data.root), "--out", str(tmp_path / "run"), "--no-progress", "--precision",
+            "fp32"]
+    for k, v in TINY.items():
+        if k != "precision":
+            args += [f"--{k.replace('_', '-')}", "none" if v is None else str(v)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 patients out of fold: per-patient Dice mean" in out and "fold 2:" in out
+    assert cli.main([*args, "--fold", "1"]) == 2
+    assert "crossval trains every fold; drop --fold" in capsys.readouterr().err
