@@ -119,3 +119,47 @@ def test_crossval_cli(make_kaggle, tmp_path, capsys, monkeypatch):
     assert "4 patients out of fold: per-patient Dice mean" in out and "fold 2:" in out
     assert cli.main([*args, "--fold", "1"]) == 2
     assert "crossval trains every fold; drop --fold" in capsys.readouterr().err
+
+
+def test_export_of_a_run_is_one_float16_ensemble_with_the_chosen_settings(make_kaggle, tmp_path, capsys,
+                                                                          monkeypatch):
+    import torch
+
+    from tumorseg.checkpoint import load_checkpoint, load_members
+    from tumorseg.errors import CheckpointError
+    from tumorseg.inference import Predictor
+
+    monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "cache"))
+    data = make_kaggle(patients=PATIENTS, strays=False)
+    run = tmp_path / "run"
+    report = crossval(tiny(), data.root, run, precision="fp32", show_progress=False, plots=False)
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "ens.pt")]) == 0
+    assert f"wrote {tmp_path / 'ens.pt'}" in capsys.readouterr().out
+    members = load_members(tmp_path / "ens.pt")
+    assert len(members) == 3
+    assert members[0].inference == InferenceConfig(report["threshold"], report["postprocess"])
+    folds = [load_checkpoint(run / f"fold_{k}" / "last.pt") for k in range(3)]
+    for m, f in zip(members, folds, strict=True):
+        for k, v in f.state_dict.items():
+            assert m.state_dict[k].dtype == v.dtype
+            assert torch.allclose(m.state_dict[k], v, rtol=1e-3, atol=1e-4), k  # float16 storage
+    from tumorseg.checkpoint import read_payload
+
+    raw = read_payload(tmp_path / "ens.pt")
+    assert {v.dtype for m in raw["members"] for v in m.values() if v.is_floating_point()} == {torch.float16}
+    assert raw["training"] is None and raw["metrics"]["out_of_fold"] == report["summary"]
+    ens = Predictor.from_checkpoints(tmp_path / "ens.pt", device="cpu", precision="fp32")
+    single = [Predictor.from_checkpoints(run / f"fold_{k}" / "last.pt", device="cpu", precision="fp32")
+              for k in range(3)]
+    x = torch.rand(2, 3, 16, 16)
+    mean = sum(p.predict(x).probabilities for p in single) / 3
+    assert torch.allclose(ens.predict(x).probabilities, mean, atol=2e-3)
+    with pytest.raises(CheckpointError, match="is an ensemble of 3 models; load it with"):
+        load_checkpoint(tmp_path / "ens.pt")
+    # overrides, and a run that is not finished
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "e2.pt"), "--postprocess", "lcc"]) == 0
+    assert load_members(tmp_path / "e2.pt")[0].inference.postprocess == "lcc"
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "e3.pt")]) == 2
+    assert "is not a finished cross-validation run" in capsys.readouterr().err
+    assert not (tmp_path / "e3.pt").exists()

@@ -18,6 +18,10 @@ File layout (format_version 2), a dict readable with `torch.load(weights_only=Tr
 
 The original implementation's `unet.pt` (`{"epoch", "state_dict", ...}` with
 `layers.<i>.` keys) loads through the same `load_checkpoint`.
+
+A fold ensemble (`export_ensemble`) is one file of the same layout whose `state_dict` is
+replaced by `members`, a list of state dicts stored in float16 (half the size; the
+weights are used in float32): `load_members` gives one Checkpoint per member.
 """
 
 from __future__ import annotations
@@ -249,6 +253,60 @@ def _tumorseg_checkpoint(obj: dict[str, Any], path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: damaged tumorseg checkpoint ({type(e).__name__}: {e})") from e
 
 
+def load_members(path: str | Path) -> list[Checkpoint]:
+    """The models in a file: one for a checkpoint or unet.pt, several for an ensemble.
+
+    Raises:
+        CheckpointError: as `load_checkpoint`.
+    """
+    path = Path(path)
+    obj = read_payload(path)
+    members = obj.get("members")
+    if obj.get("format") != FORMAT or members is None:
+        return [load_checkpoint(path)]
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        raise CheckpointError(f"{path}: damaged ensemble (no list of member weights)")
+    out = []
+    for i, state in enumerate(members):
+        ck = _tumorseg_checkpoint({**obj, "state_dict": _float32(state)}, path)
+        ck.notes = f"{ck.notes} (member {i + 1} of {len(members)})".strip()
+        out.append(ck)
+    return out
+
+
+def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def export_ensemble(sources: list[str | Path], dst: str | Path, *, inference: InferenceConfig | None = None,
+                    notes: str = "", metrics: dict[str, Any] | None = None) -> Path:
+    """Write the tumorseg checkpoints `sources` (e.g. the fold models of a cross-validation)
+    as one ensemble file, weights in float16, with `inference` (default: the first
+    source's) as its settings. They must share architecture, channels and normalisation.
+
+    Raises:
+        CheckpointError: unreadable or disagreeing sources.
+    """
+    checkpoints = [load_checkpoint(p) for p in sources]
+    if not checkpoints:
+        raise CheckpointError("no checkpoints to put in an ensemble")
+    first = checkpoints[0]
+    for ck in checkpoints:
+        if ck.kind != "tumorseg":
+            raise CheckpointError(f"{ck.path} is not a tumorseg checkpoint; only those make an ensemble")
+        if (ck.model_config, ck.channels, ck.percentiles) != (first.model_config, first.channels, first.percentiles):
+            raise CheckpointError(f"{ck.path} differs from {first.path} in architecture, channels or "
+                                  "normalisation; an ensemble needs one of each")
+    payload = dataclasses.replace(first.released(), inference=inference or first.inference, notes=notes,
+                                  metrics=metrics or {}, history=[], split=None).to_payload()
+    del payload["state_dict"]
+    payload["members"] = [{k: v.half() if v.is_floating_point() else v for k, v in ck.state_dict.items()}
+                          for ck in checkpoints]
+    payload["sources"] = [ck.path for ck in checkpoints]
+    atomic_write(dst, lambda f: torch.save(payload, f))
+    return Path(dst)
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a tumorseg checkpoint (any format version up to FORMAT_VERSION) or the
     original implementation's `unet.pt`.
@@ -262,6 +320,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     obj = read_payload(path)
     state = obj.get("state_dict")
+    if obj.get("format") == FORMAT and "members" in obj:
+        raise CheckpointError(f"{path} is an ensemble of {len(obj['members'])} models; load it with "
+                              "tumorseg.Predictor.from_checkpoints (or checkpoint.load_members)")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: no 'state_dict' entry; not a U-Net checkpoint")
     if obj.get("format") == FORMAT:

@@ -125,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
     _add_train_config_args(p)
 
+    p = sub.add_parser("export", help="one file to ship: a cross-validation run's fold ensemble, or a release copy",
+                       description="Write the fold models of a `tumorseg crossval` run as one ensemble file "
+                                   "(float16 weights) with the threshold and post-processing chosen out of "
+                                   "fold; or, given a checkpoint, a release copy without the training state.")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a crossval run folder or a tumorseg checkpoint")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (required)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"{field_help(InferenceConfig, 'threshold')} (default: the run's choice or the checkpoint's)")
+    p.add_argument("--postprocess", default=None, metavar="METHOD",
+                   help=f"{field_help(InferenceConfig, 'postprocess')} (default: the run's choice or the "
+                        "checkpoint's)")
+
     p = sub.add_parser("evaluate", help="per-patient scores and a report on labelled data",
                        description="Score a model on labelled patients: per-patient Dice, IoU, "
                                    "precision, recall, HD95; report.json, per_patient.csv and plots.")
@@ -220,6 +232,22 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(a: argparse.Namespace) -> int:
+    from tumorseg.checkpoint import export_weights
+    from tumorseg.crossval import export_run
+    from tumorseg.fileio import check_output_dir
+
+    source, out = Path(a.source), Path(a.out)
+    check_output_dir(out.parent)
+    if source.is_dir():
+        export_run(source, out, threshold=a.threshold, postprocess=a.postprocess)
+    else:
+        export_weights(source, out, threshold=a.threshold, postprocess=a.postprocess)
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({size:.1f} MiB)")
+    return 0
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from tumorseg.data.cache import open_data
     from tumorseg.data.splits import held_out_patients
@@ -260,8 +288,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "crossval": _cmd_crossval, "evaluate": _cmd_evaluate,
-            "predict": _cmd_predict}
+COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "crossval": _cmd_crossval, "export": _cmd_export,
+            "evaluate": _cmd_evaluate, "predict": _cmd_predict}
 
 
 class _Lines(logging.Handler):

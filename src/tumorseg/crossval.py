@@ -190,3 +190,34 @@ def crossval(
               "chosen_on": "these out-of-fold predictions (see postprocessing.json)",
               "test_patients": sorted(split.test)}
     return write_report(run_dir / "crossval", header, scored, plots=plots, sections={"folds": folds})
+
+
+def export_run(run_dir: str | Path, dst: str | Path, *, threshold: float | None = None,
+               postprocess: str | None = None) -> Path:
+    """Write the fold models of a cross-validation run as one ensemble file (float16
+    weights) with the threshold and post-processing chosen on its out-of-fold predictions
+    (RUN/crossval/postprocessing.json), overridden where given, and its out-of-fold summary.
+
+    Raises:
+        TumorsegError: not a finished cross-validation run, or a bad setting.
+    """
+    from tumorseg.checkpoint import export_ensemble
+
+    run_dir = Path(run_dir)
+    split = run_dir / "splits.json"
+    chosen_path = run_dir / "crossval" / "postprocessing.json"
+    if not split.is_file() or not chosen_path.is_file():
+        raise TumorsegError(f"{run_dir} is not a finished cross-validation run (no splits.json or "
+                            "crossval/postprocessing.json); run `tumorseg crossval` first")
+    folds = len(load_split(split).folds)
+    sources = [run_dir / f"fold_{k}" / "last.pt" for k in range(folds)]
+    missing = [str(p) for p in sources if not p.is_file()]
+    if missing:
+        raise TumorsegError(f"{missing[0]} is missing; finish the run with `tumorseg crossval` first")
+    chosen = InferenceConfig.from_dict(json.loads(chosen_path.read_text())["chosen"])
+    inference = chosen.replace(threshold=threshold, postprocess=postprocess)
+    report_path = run_dir / "crossval" / "report.json"
+    summary = json.loads(report_path.read_text())["summary"] if report_path.is_file() else {}
+    check_output_dir(Path(dst).parent)
+    return export_ensemble(sources, dst, inference=inference, metrics={"out_of_fold": summary},
+                           notes=f"{folds}-fold ensemble of {run_dir.name}")

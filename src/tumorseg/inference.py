@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tumorseg.checkpoint import Checkpoint, load_checkpoint
+from tumorseg.checkpoint import Checkpoint, load_members
 from tumorseg.config import CHANNELS, NORM_PERCENTILES, InferenceConfig, channel_indices
 from tumorseg.data.normalization import normalize, volume_percentiles
 from tumorseg.errors import CheckpointError, ConfigError
@@ -155,9 +155,9 @@ class Predictor:
         precision: str = "auto",
         batch_size: int = BATCH_SIZE,
     ) -> Predictor:
-        """A Predictor of one checkpoint, or an ensemble of several (they must agree on
-        channels and normalisation; the first one's inference settings apply), or of the
-        model shipped with the package when `paths` is None. threshold/postprocess/tta
+        """A Predictor of one checkpoint, or an ensemble of several or of an ensemble file
+        (they must agree on channels and normalisation; the first one's inference settings
+        apply), or of the model shipped with the package when `paths` is None. threshold/postprocess/tta
         override the stored inference settings where given.
 
         Raises:
@@ -174,7 +174,7 @@ class Predictor:
             paths = [path]
         elif isinstance(paths, (str, Path)):
             paths = [paths]
-        checkpoints: list[Checkpoint] = [load_checkpoint(p) for p in paths]
+        checkpoints: list[Checkpoint] = [ck for p in paths for ck in load_members(p)]
         if not checkpoints:
             raise CheckpointError("no checkpoint given")
         first = checkpoints[0]
@@ -185,7 +185,7 @@ class Predictor:
         inference = first.inference.replace(threshold=threshold, postprocess=postprocess, tta=tta)
         return cls([ck.build_model() for ck in checkpoints], channels=first.channels,
                    percentiles=first.percentiles, inference=inference, device=device, precision=precision,
-                   batch_size=batch_size, source=", ".join(ck.path for ck in checkpoints),
+                   batch_size=batch_size, source=", ".join(dict.fromkeys(ck.path for ck in checkpoints)),
                    kind=first.kind)
 
     @property
