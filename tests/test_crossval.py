@@ -78,10 +78,72 @@ def test_crossval_trains_every_fold_scores_out_of_fold_and_resumes(make_kaggle, 
         probs = np.load(run / "crossval" / "probabilities" / f"{p}.npy")
         assert probs.shape == (n, 32, 32) and probs.dtype == np.float16
     # run again: nothing is trained or predicted anew, the same report comes out
-    stamps = {k: (run / f"fold_{k}" / "last.pt").stat().st_mtime_ns for k in range(3)}
+    def stamps():
+        return {p.relative_to(run).as_posix(): p.stat().st_mtime_ns
+                for p in [*run.glob("fold_*/last.pt"), *(run / "crossval" / "probabilities").glob("*.npy")]}
+
+    before = stamps()
     again = crossval(tiny(), data.root, run, precision="fp32", show_progress=False, plots=False)
-    assert {k: (run / f"fold_{k}" / "last.pt").stat().st_mtime_ns for k in range(3)} == stamps
+    assert stamps() == before and len(before) == 3 + len(PATIENTS)
     assert again["summary"] == report["summary"]
+    # a retrained fold: its patients are predicted anew, the others are not
+    import shutil
+
+    shutil.rmtree(run / "fold_1")
+    crossval(tiny(), data.root, run, precision="fp32", show_progress=False, plots=False)
+    renewed = {name for name, t in stamps().items() if before.get(name) != t}
+    assert renewed == {"fold_1/last.pt"} | {f"crossval/probabilities/{p}.npy" for p in split["folds"][1]}
+
+
+def test_a_model_of_another_split_or_config_is_refused(make_kaggle, tmp_path, monkeypatch):
+    """A fold folder filled by `tumorseg train` with another split must never score the
+    run's patients (it may have trained on them)."""
+    from tumorseg.engine import fit
+    from tumorseg.errors import TumorsegError
+
+    monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "cache"))
+    data = make_kaggle(patients=PATIENTS, strays=False)
+    from tumorseg.data import open_data
+
+    cache = open_data(data.root, progress=False)
+    run = tmp_path / "run"
+    # the run's config, but trained on a split of its own
+    (tmp_path / "other.json").write_text(json.dumps({"seed": 5, "test": [], "folds": [
+        ["PAT_A_2001"], ["PAT_B_2002"], ["PAT_C_2003", "PAT_D_2004"]]}))
+    fit(tiny(fold=0), cache, run / "fold_0", split_file=tmp_path / "other.json", show_progress=False)
+    with pytest.raises(TumorsegError, match="fold_0 was trained on other patients than fold 0 of the run's split"):
+        crossval(tiny(), data.root, run, precision="fp32", show_progress=False, plots=False)
+    (run / "splits.json").unlink()
+    (run / "config.json").unlink()
+    with pytest.raises(TumorsegError, match=r"fold_0 was trained with another config \(test_fraction differ\)"):
+        crossval(tiny(test_fraction=0.25), data.root, run, precision="fp32", show_progress=False, plots=False)
+
+
+def test_a_rerun_with_other_settings_is_refused_and_a_failed_start_leaves_nothing(make_kaggle, tmp_path,
+                                                                                     monkeypatch):
+    from tumorseg.errors import TumorsegError
+
+    monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "cache"))
+    data = make_kaggle(patients=PATIENTS, strays=False)
+    run = tmp_path / "new" / "run"
+    with pytest.raises(TumorsegError, match="crop 64 is larger than the 32x32 slices"):
+        crossval(tiny(crop=64), data.root, run, precision="fp32", show_progress=False, plots=False)
+    assert not (tmp_path / "new").exists()
+    crossval(tiny(), data.root, run, precision="fp32", show_progress=False, plots=False)
+    with pytest.raises(TumorsegError, match="config.json holds another config than this command's"):
+        crossval(tiny(epochs=3), data.root, run, precision="fp32", show_progress=False, plots=False)
+
+
+def test_ties_keep_the_simpler_candidate():
+    probs = np.zeros((1, 4, 4), np.float32)
+    probs[0, 0, :2] = 0.9
+    truth = probs > 0.5
+    chosen, table = choose_postprocessing({"P": probs}, {"P": truth})
+    assert sum(r["dice_mean"] == 1.0 for r in table) > 10  # none, lcc, confident:0.8/0.9 at every threshold
+    assert chosen == InferenceConfig(threshold=0.5, postprocess="none")
+    # a gain below MIN_GAIN does not buy a more complex setting
+    chosen, _ = choose_postprocessing({"P": probs}, {"P": truth}, min_gain=0.5)
+    assert chosen == InferenceConfig(threshold=0.5, postprocess="none")
 
 
 def test_an_interrupted_fold_continues(make_kaggle, tmp_path, monkeypatch):
@@ -146,7 +208,9 @@ def test_export_of_a_run_is_one_float16_ensemble_with_the_chosen_settings(make_k
     from tumorseg.checkpoint import read_payload
 
     raw = read_payload(tmp_path / "ens.pt")
-    assert {v.dtype for m in raw["members"] for v in m.values() if v.is_floating_point()} == {torch.float16}
+    for m in raw["members"]:  # weights in float16, BatchNorm statistics in float32
+        assert {v.dtype for k, v in m.items() if v.is_floating_point() and "running" not in k} == {torch.float16}
+        assert {v.dtype for k, v in m.items() if "running" in k} == {torch.float32}
     assert raw["training"] is None and raw["metrics"]["out_of_fold"] == report["summary"]
     ens = Predictor.from_checkpoints(tmp_path / "ens.pt", device="cpu", precision="fp32")
     single = [Predictor.from_checkpoints(run / f"fold_{k}" / "last.pt", device="cpu", precision="fp32")
@@ -156,6 +220,11 @@ def test_export_of_a_run_is_one_float16_ensemble_with_the_chosen_settings(make_k
     assert torch.allclose(ens.predict(x).probabilities, mean, atol=2e-3)
     with pytest.raises(CheckpointError, match="is an ensemble of 3 models; load it with"):
         load_checkpoint(tmp_path / "ens.pt")
+    from tumorseg.checkpoint import load_model
+
+    model = load_model(tmp_path / "ens.pt")  # logits of the mean probability
+    with torch.no_grad():
+        assert torch.allclose(torch.sigmoid(model(x)), ens.predict(x).probabilities, atol=1e-5)
     # overrides, and a run that is not finished
     assert cli.main(["export", str(run), "--out", str(tmp_path / "e2.pt"), "--postprocess", "lcc"]) == 0
     assert load_members(tmp_path / "e2.pt")[0].inference.postprocess == "lcc"

@@ -37,7 +37,7 @@ import torch
 from tumorseg.config import CHANNELS, NORM_PERCENTILES, InferenceConfig, ModelConfig, TrainConfig
 from tumorseg.errors import CheckpointError, TumorsegError
 from tumorseg.fileio import atomic_write
-from tumorseg.model import UNet
+from tumorseg.model import Ensemble, UNet
 
 FORMAT = "tumorseg-checkpoint"
 FORMAT_VERSION = 2
@@ -274,6 +274,20 @@ def load_members(path: str | Path) -> list[Checkpoint]:
     return out
 
 
+def _float16(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Weights in float16; BatchNorm statistics stay float32 (running variances reach the
+    thousands, where float16 is coarse)."""
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point() and not k.endswith(("running_mean", "running_var")):
+            half = v.half()
+            if not torch.isfinite(half).all():
+                raise CheckpointError(f"{source}: {k} does not fit in float16; export it in float32")
+            v = half
+        out[k] = v
+    return out
+
+
 def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
@@ -300,8 +314,7 @@ def export_ensemble(sources: list[str | Path], dst: str | Path, *, inference: In
     payload = dataclasses.replace(first.released(), inference=inference or first.inference, notes=notes,
                                   metrics=metrics or {}, history=[], split=None).to_payload()
     del payload["state_dict"]
-    payload["members"] = [{k: v.half() if v.is_floating_point() else v for k, v in ck.state_dict.items()}
-                          for ck in checkpoints]
+    payload["members"] = [_float16(ck.state_dict, ck.path) for ck in checkpoints]
     payload["sources"] = [ck.path for ck in checkpoints]
     atomic_write(dst, lambda f: torch.save(payload, f))
     return Path(dst)
@@ -333,10 +346,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       epoch=int(obj.get("epoch", 0) or 0), kind="original", path=str(path))
 
 
-def load_model(path: str | Path) -> UNet:
-    """Load a tumorseg checkpoint or the original published `unet.pt`; returns the `UNet`
-    in eval mode (its forward returns logits)."""
-    return load_checkpoint(path).build_model()
+def load_model(path: str | Path) -> UNet | Ensemble:
+    """Load a tumorseg checkpoint or the original published `unet.pt` as the `UNet`, or an
+    ensemble file as an `Ensemble` of them, in eval mode (forward returns logits; an
+    ensemble's are the logits of its mean probability)."""
+    members = load_members(path)
+    if len(members) == 1:
+        return members[0].build_model()
+    return Ensemble([m.build_model() for m in members]).eval()
 
 
 def export_weights(src: str | Path, dst: str | Path, *, notes: str | None = None, **inference: Any) -> None:

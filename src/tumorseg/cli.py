@@ -217,7 +217,7 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
     if options.get("fold") is not None:
         raise TumorsegError("crossval trains every fold; drop --fold")
     cfg = merge_layers(a.preset, a.config, options)
-    report = crossval(cfg, a.data, a.out, device=a.device, show_progress=not a.no_progress)
+    report = crossval(cfg, a.data, a.out, device=a.device, precision=cfg.precision, show_progress=not a.no_progress)
     if report is None:
         print(f"interrupted; continue with the same command (`tumorseg crossval ... --out {a.out}`)",
               file=sys.stderr)
@@ -239,6 +239,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     source, out = Path(a.source), Path(a.out)
     check_output_dir(out.parent)
+    if out.is_dir():
+        raise TumorsegError(f"{out} is a folder; pass a file name to --out")
     if source.is_dir():
         export_run(source, out, threshold=a.threshold, postprocess=a.postprocess)
     else:

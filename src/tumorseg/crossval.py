@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from tumorseg.checkpoint import load_checkpoint
+from tumorseg.checkpoint import Checkpoint, load_checkpoint
 from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.splits import Split, load_split, make_split, save_split
@@ -37,43 +37,78 @@ from tumorseg.fileio import atomic_write, atomic_write_text, check_output_dir
 from tumorseg.inference import Predictor
 from tumorseg.metrics import confusion_counts, dice_from_counts
 from tumorseg.postprocess import binarize
+from tumorseg.runtime import precision_name, resolve_precision, select_device
 
 log = logging.getLogger(__name__)
 
-# The candidates, simplest first: a later one is chosen only when it scores higher.
+# The candidates, simplest first (every threshold without post-processing, then each
+# method): a later one is chosen only when its mean Dice is higher by at least MIN_GAIN.
 THRESHOLDS: tuple[float, ...] = (0.5, 0.4, 0.6, 0.3, 0.7)
 METHODS: tuple[str, ...] = ("none", "lcc", "min_size:10", "min_size:50", "min_size:200", "confident:0.8",
                             "confident:0.9", "confident:0.95")
+MIN_GAIN = 1e-3
 
 
 def prepare_run(cfg: TrainConfig, cache: Cache, run_dir: Path) -> Split:
-    """The split of the run: RUN/splits.json when it exists (checked against `cfg` and the
-    data), else a new one by `cfg`'s folds, test fraction and seed."""
+    """The split of the run: the one `cfg` makes of these patients (folds, test fraction,
+    seed); RUN/splits.json is written, or, when it exists, must be that split.
+
+    Raises:
+        TumorsegError: RUN/splits.json holds another split.
+    """
     path = run_dir / "splits.json"
+    split = make_split(cache.patients, cfg.folds, cfg.test_fraction, cfg.split_seed)
     if path.is_file():
-        split = load_split(path)
-        if len(split.folds) != cfg.folds:
-            raise TumorsegError(f"{path} has {len(split.folds)} folds, the config asks for {cfg.folds}; "
-                                "choose another --out or the same --folds")
+        if load_split(path).to_dict() != split.to_dict():
+            raise TumorsegError(f"{path} holds another split than --folds {cfg.folds} --test-fraction "
+                                f"{cfg.test_fraction} --split-seed {cfg.split_seed} make of these patients; "
+                                "choose another --out or the run's own settings")
     else:
-        split = make_split(cache.patients, cfg.folds, cfg.test_fraction, cfg.split_seed)
         save_split(split, path)
-    missing = sorted({p for f in split.folds for p in f} - set(cache.patients))
-    if missing:
-        raise TumorsegError(f"{path} names patients absent from the data: {', '.join(missing[:5])}")
     return split
+
+
+def check_fold(state: Checkpoint, cfg: TrainConfig, split: Split, k: int) -> None:
+    """A fold model belongs to this run: the run's config with fold k, and trained on
+    exactly split.train(k), so that it never saw the patients it scores.
+
+    Raises:
+        TumorsegError: a model of another config or split (e.g. a `tumorseg train` run).
+    """
+    where = Path(state.path).parent
+    expected = dataclasses.replace(cfg, fold=k)
+    if state.train_config != expected:
+        diff = [f.name for f in dataclasses.fields(TrainConfig)
+                if state.train_config is None or getattr(state.train_config, f.name) != getattr(expected, f.name)]
+        raise TumorsegError(f"{where} was trained with another config ({', '.join(diff[:4])} differ); "
+                            "delete it or choose another --out")
+    trained = set((state.split or {}).get("train", []))
+    if trained != set(split.train(k)):
+        raise TumorsegError(f"{where} was trained on other patients than fold {k} of the run's split; "
+                            "delete it or choose another --out")
+
+
+def fold_identity(path: Path) -> dict[str, Any]:
+    """What tells a fold model from a retrained one: its path, size and modification time."""
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def train_folds(cfg: TrainConfig, cache: Cache, run_dir: Path, *, device: str = "auto",
                 show_progress: bool = True, data_path: str | None = None) -> bool:
     """Train every fold of the run that is not finished; returns False when a fold was
-    interrupted (Ctrl-C), True when all are done."""
+    interrupted (Ctrl-C), True when all are done.
+
+    Raises:
+        TumorsegError: a fold folder holds a model of another config or split.
+    """
     split = prepare_run(cfg, cache, run_dir)
     for k in range(len(split.folds)):
         fold_dir = run_dir / f"fold_{k}"
         last = fold_dir / "last.pt"
         if last.is_file():
             state = load_checkpoint(last)
+            check_fold(state, cfg, split, k)
             if state.epoch >= cfg.epochs and (state.training is None or not state.training.progress.get("step")):
                 log.info(f"fold {k}: done ({state.epoch} epochs), skipped")
                 continue
@@ -90,16 +125,22 @@ def train_folds(cfg: TrainConfig, cache: Cache, run_dir: Path, *, device: str = 
 def out_of_fold(cache: Cache, run_dir: Path, split: Split, *, device: str = "auto", precision: str = "auto",
                 show_progress: bool = True) -> dict[str, tuple[int, np.ndarray]]:
     """{patient: (fold, probabilities float32 (S, H, W))} of every fold patient, each from the
-    last.pt of the fold that held it out; written to (and reused from)
-    RUN/crossval/probabilities/<patient>.npy as float16."""
+    last.pt of the fold that held it out; written to RUN/crossval/probabilities/<patient>.npy
+    as float16, and reused while the fold model is the same file (sources.json)."""
     folder = run_dir / "crossval" / "probabilities"
+    sources_path = folder / "sources.json"
+    try:
+        saved = json.loads(sources_path.read_text()) if sources_path.is_file() else {}
+    except (OSError, ValueError):
+        saved = {}
+    current = {str(k): fold_identity(run_dir / f"fold_{k}" / "last.pt") for k in range(len(split.folds))}
     out: dict[str, tuple[int, np.ndarray]] = {}
     todo = [(k, p) for k, fold in enumerate(split.folds) for p in sorted(fold)]
     predictors: dict[int, Predictor] = {}
     for k, patient in tqdm(todo, desc="out-of-fold predictions", unit="patient",
                            disable=None if show_progress else True):
         path = folder / f"{patient}.npy"
-        if path.is_file():
+        if path.is_file() and saved.get(str(k)) == current[str(k)]:
             out[patient] = (k, np.load(path).astype(np.float32))
             continue
         if k not in predictors:  # raw probabilities: the choice of threshold and post-processing comes later
@@ -112,26 +153,28 @@ def out_of_fold(cache: Cache, run_dir: Path, split: Split, *, device: str = "aut
                                       rec.high if same else None).probabilities
         atomic_write(path, lambda f, a=probs: np.save(f, a.astype(np.float16)))
         out[patient] = (k, probs.astype(np.float16).astype(np.float32))  # as reused later: the same numbers
+    atomic_write_text(sources_path, json.dumps(current, indent=1) + "\n")
     return out
 
 
 def choose_postprocessing(probs: dict[str, np.ndarray], truths: dict[str, np.ndarray],
-                          thresholds: tuple[float, ...] = THRESHOLDS,
-                          methods: tuple[str, ...] = METHODS) -> tuple[InferenceConfig, list[dict[str, Any]]]:
+                          thresholds: tuple[float, ...] = THRESHOLDS, methods: tuple[str, ...] = METHODS,
+                          min_gain: float = MIN_GAIN) -> tuple[InferenceConfig, list[dict[str, Any]]]:
     """The threshold and post-processing with the highest mean per-patient Dice over the
-    patients of `probs` (out-of-fold probabilities, (S, H, W) each) against `truths`;
-    on a tie the earlier, simpler candidate stays. Returns (the choice, the table of every
-    candidate with its mean and median Dice)."""
+    patients of `probs` (out-of-fold probabilities, (S, H, W) each) against `truths`. The
+    candidates are tried simplest first (each method in turn over all thresholds); a later
+    one replaces the choice only if it is better by at least `min_gain`. Returns (the
+    choice, the table of every candidate with its mean and median Dice)."""
     table = []
     best: tuple[float, InferenceConfig] | None = None
-    for t in thresholds:
-        for m in methods:
+    for m in methods:
+        for t in thresholds:
             candidate = InferenceConfig(threshold=t, postprocess=m)
             dices = np.array([dice_from_counts(confusion_counts(binarize(probs[p], candidate), truths[p]))
                               for p in sorted(probs)])
             mean = float(dices.mean())
             table.append({"threshold": t, "postprocess": m, "dice_mean": mean, "dice_median": float(np.median(dices))})
-            if best is None or mean > best[0]:
+            if best is None or mean >= best[0] + min_gain:
                 best = (mean, candidate)
     if best is None:
         raise TumorsegError("no candidates to choose from")
@@ -160,17 +203,40 @@ def crossval(
     run_dir = Path(run_dir)
     check_output_dir(run_dir)
     cache = open_data(data, progress=show_progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
-    if not train_folds(cfg, cache, run_dir, device=device, show_progress=show_progress,
-                       data_path=str(Path(data).resolve())):
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    own = [run_dir / n for n in ("config.json", "splits.json") if not (run_dir / n).exists()]
+    config_path = run_dir / "config.json"
+    if config_path.is_file():
+        try:
+            same = TrainConfig.from_dict(json.loads(config_path.read_text())) == cfg
+        except (OSError, ValueError):  # ValueError: unreadable JSON, or a config that is no longer valid
+            same = False
+        if not same:
+            raise TumorsegError(f"{config_path} holds another config than this command's; continue the run with "
+                                "its own settings (see that file) or choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=1) + "\n")
+        finished = train_folds(cfg, cache, run_dir, device=device, show_progress=show_progress,
+                               data_path=str(Path(data).resolve()))
+    except BaseException:
+        if not any(run_dir.glob("fold_*/last.pt")):  # nothing trained: leave nothing behind
+            for path in own:
+                path.unlink(missing_ok=True)
+            for folder in made:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        raise
+    if not finished:
         return None
     split = prepare_run(cfg, cache, run_dir)
     oof = out_of_fold(cache, run_dir, split, device=device, precision=precision, show_progress=show_progress)
     truths = {p: np.asarray(cache.masks(p)) > 0 for p in oof}
     chosen, table = choose_postprocessing({p: v[1] for p, v in oof.items()}, truths)
+    models = [run_dir / f"fold_{k}" / "last.pt" for k in range(len(split.folds))]
     atomic_write_text(run_dir / "crossval" / "postprocessing.json",
                       json.dumps({"chosen": chosen.to_dict(), "criterion": "mean per-patient Dice, out of fold",
+                                  "min_gain": MIN_GAIN, "models": [fold_identity(m) for m in models],
                                   "candidates": table}, indent=1) + "\n")
     scored: list[ScoredPatient] = []
     for patient, (k, probs) in sorted(oof.items()):
@@ -179,18 +245,19 @@ def crossval(
                                    np.asarray(cache.images(patient)), rec.slices, fold=k))
     folds = []
     for k in range(len(split.folds)):
-        members = [p.scores for p in scored if p.extra["fold"] == k]
-        s = summarize(members, [d for p in scored if p.extra["fold"] == k for d in p.slice_dices],
-                      sum(p.fp_slices for p in scored if p.extra["fold"] == k),
-                      sum(p.empty_slices for p in scored if p.extra["fold"] == k))
+        members = [p for p in scored if p.extra["fold"] == k]
+        s = summarize([p.scores for p in members], [d for p in members for d in p.slice_dices],
+                      sum(p.fp_slices for p in members), sum(p.empty_slices for p in members))
         folds.append({"fold": k, "patients": s["patients"], "dice_mean": s["dice_mean"],
                       "dice_median": s["dice_median"]})
-    header = {"run": str(run_dir), "models": [str(run_dir / f"fold_{k}" / "last.pt") for k in range(len(folds))],
+    header = {"checkpoint": ", ".join(str(m) for m in models), "checkpoint_kind": "out-of-fold fold models",
+              "models": len(models), "model_paths": [str(m) for m in models],
               "threshold": chosen.threshold, "postprocess": chosen.postprocess, "tta": False,
+              "precision": precision_name(resolve_precision(precision, select_device(device))),
+              "channels": list(cfg.channels),
               "chosen_on": "these out-of-fold predictions (see postprocessing.json)",
               "test_patients": sorted(split.test)}
     return write_report(run_dir / "crossval", header, scored, plots=plots, sections={"folds": folds})
-
 
 def export_run(run_dir: str | Path, dst: str | Path, *, threshold: float | None = None,
                postprocess: str | None = None) -> Path:
@@ -214,10 +281,25 @@ def export_run(run_dir: str | Path, dst: str | Path, *, threshold: float | None 
     missing = [str(p) for p in sources if not p.is_file()]
     if missing:
         raise TumorsegError(f"{missing[0]} is missing; finish the run with `tumorseg crossval` first")
-    chosen = InferenceConfig.from_dict(json.loads(chosen_path.read_text())["chosen"])
+    try:
+        record = json.loads(chosen_path.read_text())
+        chosen = InferenceConfig.from_dict(record["chosen"])
+        recorded = record.get("models", [])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TumorsegError(f"{chosen_path} is damaged ({type(e).__name__}); run `tumorseg crossval` again") from e
+    if recorded != [fold_identity(p) for p in sources]:
+        raise TumorsegError(f"the fold models of {run_dir} changed after their out-of-fold choice; run "
+                            "`tumorseg crossval` again to choose on their predictions")
     inference = chosen.replace(threshold=threshold, postprocess=postprocess)
     report_path = run_dir / "crossval" / "report.json"
-    summary = json.loads(report_path.read_text())["summary"] if report_path.is_file() else {}
+    try:
+        summary = json.loads(report_path.read_text())["summary"] if report_path.is_file() else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        summary = {}
+    metrics = {"out_of_fold": summary, "out_of_fold_setting": chosen.to_dict()}
     check_output_dir(Path(dst).parent)
-    return export_ensemble(sources, dst, inference=inference, metrics={"out_of_fold": summary},
-                           notes=f"{folds}-fold ensemble of {run_dir.name}")
+    if Path(dst).is_dir():
+        raise TumorsegError(f"{dst} is a folder; pass a file name to --out")
+    overridden = "" if inference == chosen else " (settings overridden after the out-of-fold choice)"
+    return export_ensemble(sources, dst, inference=inference, metrics=metrics,
+                           notes=f"{folds}-fold ensemble of {run_dir.name}{overridden}")

@@ -155,3 +155,19 @@ class UNet(nn.Module):
         if ph or pw:
             out = out[..., :h, :w]
         return out
+
+
+class Ensemble(nn.Module):
+    """Several U-Nets as one model: (B, C, H, W) -> logits (B, 1, H, W) of the mean of
+    their probabilities (for `tumorseg.load_model` on an ensemble file; `Predictor`
+    averages the members itself)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        return torch.logit(p, eps=1e-6)
