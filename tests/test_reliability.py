@@ -230,6 +230,20 @@ CASES: list[tuple[str, Callable[[World], None], list[str], str]] = [
     ("split-of-other-patients", _split_of_others, [*TRAIN, "--split", "{tmp}/others.json"],
      "split names patients absent from the data: X1, X2"),
     ("fold-without-split", _nothing, [*EVALUATE, "--fold", "1"], "--fold needs --split (the splits.json of a run)"),
+    # --- cross-validation and export
+    ("crossval-with-fold", _nothing, ["crossval", "--data", "{root}", "--out", "{tmp}/cv", "--fold", "1"],
+     "crossval trains every fold; drop --fold"),
+    ("crossval-crop-larger-than-slices", _nothing,
+     ["crossval", *TRAIN[1:-3], "--crop", "64", "--out", "{tmp}/cv", "--no-progress"],
+     "crop 64 is larger than the 32x32 slices of the data"),
+    ("export-unfinished-run", lambda w: (w.tmp / "cv").mkdir(), ["export", "{tmp}/cv", "--out", "{tmp}/e.pt"],
+     "{tmp}/cv is not a finished cross-validation run (no splits.json or crossval/postprocessing.json); run "
+     "`tumorseg crossval` first"),
+    ("export-out-is-a-folder", _nothing, ["export", "{ok}", "--out", "{tmp}"],
+     "{tmp} is a folder; pass a file name to --out"),
+    ("export-of-unet-pt", lambda w: torch.save({"state_dict": UNet(n_features=2, depth=2).state_dict()},
+                                               w.tmp / "orig.pt"),
+     ["export", "{tmp}/orig.pt", "--out", "{tmp}/e.pt"], "{tmp}/orig.pt is not a tumorseg checkpoint"),
 ]
 
 
@@ -250,8 +264,8 @@ def _files(root: Path, cache: bool) -> set[Path]:
 
 # Cases whose error can only be found while the data are read or after: the decoded cache
 # of the good patients is kept (it is valid and saves the next run the decoding).
-READS_DATA = {"crop-larger-than-slices", "split-of-other-patients", "cache-truncated-array", "image-without-mask",
-              "truncated-tiff", "duplicate-slice-number-prepare"}
+READS_DATA = {"crop-larger-than-slices", "crossval-crop-larger-than-slices", "split-of-other-patients",
+              "cache-truncated-array", "image-without-mask", "truncated-tiff", "duplicate-slice-number-prepare"}
 
 
 @pytest.mark.parametrize(("case", "setup", "args", "message"), CASES, ids=[c[0] for c in CASES])
