@@ -27,13 +27,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tumorseg.checkpoint import Checkpoint, load_checkpoint
-from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig
+from tumorseg.config import InferenceConfig, TrainConfig
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.splits import Split, load_split, make_split, save_split
 from tumorseg.engine import fit
 from tumorseg.errors import TumorsegError
-from tumorseg.evaluation import ScoredPatient, score_volume, summarize, write_report
-from tumorseg.fileio import atomic_write, atomic_write_text, check_output_dir
+from tumorseg.evaluation import ScoredPatient, score_volume, segment_cached, summarize, write_report
+from tumorseg.fileio import atomic_write, atomic_write_text, check_output_dir, undo_on_failure
 from tumorseg.inference import Predictor
 from tumorseg.metrics import confusion_counts, dice_from_counts
 from tumorseg.postprocess import binarize
@@ -147,10 +147,7 @@ def out_of_fold(cache: Cache, run_dir: Path, split: Split, *, device: str = "aut
             predictors[k] = Predictor.from_checkpoints(run_dir / f"fold_{k}" / "last.pt", threshold=0.5,
                                                        postprocess="none", tta=False, device=device,
                                                        precision=precision)
-        rec = cache.records[patient]
-        same = predictors[k].percentiles == NORM_PERCENTILES
-        probs = predictors[k].segment(np.asarray(cache.images(patient)), rec.low if same else None,
-                                      rec.high if same else None).probabilities
+        probs = segment_cached(predictors[k], cache, patient).probabilities
         atomic_write(path, lambda f, a=probs: np.save(f, a.astype(np.float16)))
         out[patient] = (k, probs.astype(np.float16).astype(np.float32))  # as reused later: the same numbers
     atomic_write_text(sources_path, json.dumps(current, indent=1) + "\n")
@@ -203,8 +200,6 @@ def crossval(
     run_dir = Path(run_dir)
     check_output_dir(run_dir)
     cache = open_data(data, progress=show_progress)
-    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    own = [run_dir / n for n in ("config.json", "splits.json") if not (run_dir / n).exists()]
     config_path = run_dir / "config.json"
     if config_path.is_file():
         try:
@@ -214,19 +209,12 @@ def crossval(
         if not same:
             raise TumorsegError(f"{config_path} holds another config than this command's; continue the run with "
                                 "its own settings (see that file) or choose another --out")
-    try:
+    # A failure before any fold saved a checkpoint leaves nothing behind.
+    with undo_on_failure(run_dir, ("config.json", "splits.json"), kept=lambda: any(run_dir.glob("fold_*/last.pt"))):
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=1) + "\n")
         finished = train_folds(cfg, cache, run_dir, device=device, show_progress=show_progress,
                                data_path=str(Path(data).resolve()))
-    except BaseException:
-        if not any(run_dir.glob("fold_*/last.pt")):  # nothing trained: leave nothing behind
-            for path in own:
-                path.unlink(missing_ok=True)
-            for folder in made:
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-        raise
     if not finished:
         return None
     split = prepare_run(cfg, cache, run_dir)

@@ -33,7 +33,7 @@ from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.sampling import SAMPLER, batches_of, epoch_order, training_batch
 from tumorseg.data.splits import Split, load_split, make_split, save_split
 from tumorseg.errors import TumorsegError
-from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
+from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir, undo_on_failure
 from tumorseg.inference import Predictor
 from tumorseg.losses import make_loss
 from tumorseg.metrics import score_patient
@@ -226,21 +226,11 @@ def fit(
         assert state.train_config is not None  # check_run_dir
         cfg, inference = state.train_config, state.inference
     inference = inference or InferenceConfig()
-    # What this call makes, so that a failure before the first checkpoint removes just that.
-    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    own = [run_dir / n for n in ("config.json", "inference.json", "splits.json") if not (run_dir / n).exists()]
-    prepare_output_dir(run_dir)
-    try:
+    # A failure before the first checkpoint leaves no half-made run behind.
+    with undo_on_failure(run_dir, ("config.json", "inference.json", "splits.json"), kept=last_path.exists):
+        prepare_output_dir(run_dir)
         return _fit(cfg, cache, run_dir, inference, state, device, split_file, show_progress, on_epoch,
                     stop_after_steps, data_path)
-    except BaseException:
-        if not last_path.exists():  # nothing trained yet: leave no half-made run behind
-            for path in own:
-                path.unlink(missing_ok=True)
-            for folder in made:  # innermost first
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-        raise
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> Checkpoint | None:

@@ -25,7 +25,7 @@ from tumorseg.config import NORM_PERCENTILES
 from tumorseg.data.cache import Cache
 from tumorseg.errors import ConfigError, TumorsegError
 from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
-from tumorseg.inference import Predictor, check_model_arguments
+from tumorseg.inference import Predictor, Segmentation, check_model_arguments
 from tumorseg.metrics import PatientScores, hd95, nanmean, score_patient, slice_scores
 
 PATIENT_FIELDS = ["patient", "slices", "dice", "iou", "precision", "recall", "hd95",
@@ -122,13 +122,10 @@ def evaluate(
 
     scored: list[ScoredPatient] = []
     for patient in tqdm(names, desc="evaluating", unit="patient", disable=None if show_progress else True):
-        rec = cache.records[patient]
         images = np.asarray(cache.images(patient))
+        seg = segment_cached(predictor, cache, patient, images)
         truth = np.asarray(cache.masks(patient)) > 0
-        # The cache holds the statistics of NORM_PERCENTILES; other percentiles are recomputed.
-        same = predictor.percentiles == NORM_PERCENTILES
-        seg = predictor.segment(images, rec.low if same else None, rec.high if same else None)
-        scored.append(score_volume(patient, seg.mask, truth, images, rec.slices, spacing))
+        scored.append(score_volume(patient, seg.mask, truth, images, cache.records[patient].slices, spacing))
     header = {
         "checkpoint": predictor.source,
         "checkpoint_kind": "ensemble" if len(predictor.models) > 1 else predictor.kind,
@@ -140,6 +137,15 @@ def evaluate(
         "channels": list(predictor.channels),
     }
     return write_report(out_dir, header, scored, plots=plots)
+
+
+def segment_cached(predictor: Predictor, cache: Cache, patient: str, images: np.ndarray | None = None) -> Segmentation:
+    """`predictor.segment` of a cached patient (its `images` when already read), normalised
+    with the statistics the cache holds when they are the predictor's percentiles."""
+    rec = cache.records[patient]
+    images = np.asarray(cache.images(patient)) if images is None else images
+    same = predictor.percentiles == NORM_PERCENTILES  # the cache holds these; others are recomputed
+    return predictor.segment(images, rec.low if same else None, rec.high if same else None)
 
 
 @dataclass

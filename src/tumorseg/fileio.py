@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -74,3 +75,22 @@ def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
         raise TumorsegError(f"cannot write to output folder {path} ({e.strerror or e}); "
                             "choose another --out") from e
     return path
+
+
+@contextmanager
+def undo_on_failure(folder: Path, files: Sequence[str], kept: Callable[[], bool]) -> Iterator[None]:
+    """On an exception in the block, unless `kept()` says results worth keeping exist,
+    remove what the block made: those of `files` in `folder` that did not exist before,
+    and `folder` and its parents if the block created them and they are empty again."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    own = [folder / name for name in files if not (folder / name).exists()]
+    try:
+        yield
+    except BaseException:
+        if not kept():
+            for path in own:
+                path.unlink(missing_ok=True)
+            for directory in made:
+                if directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
+        raise
