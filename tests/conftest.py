@@ -23,6 +23,15 @@ def _missing(reason: str):
 DEFAULT_SEED_CHECKPOINT = REPO_ROOT.parent / "shared" / "seed" / "unet.pt"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _measurements_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Measured precision/engine choices go to a folder of this test session, never to the
+    user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUMORSEG_CACHE_DIR", str(tmp_path_factory.mktemp("measured")))
+        yield
+
+
 # --------------------------------------------------------------------------- real data
 
 

@@ -107,7 +107,8 @@ def test_fused_predictor_matches_the_model_and_leaves_it_alone():
     with torch.no_grad():
         expected = torch.sigmoid(model(x))
     fused = Predictor([model], device="cpu", precision="fp32")
-    assert fused.models[0] is not model and not any(isinstance(m, nn.BatchNorm2d) for m in fused.models[0].modules())
+    (copy,) = fused.engine.models
+    assert copy is not model and not any(isinstance(m, nn.BatchNorm2d) for m in copy.modules())
     assert torch.allclose(fused.predict(x).probabilities, expected, atol=1e-5)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
@@ -167,10 +168,10 @@ def test_from_checkpoints_one_or_an_ensemble_with_overrides(tmp_path):
     _save(tmp_path / "a.pt", a, inference=InferenceConfig(threshold=0.4, postprocess="lcc"))
     _save(tmp_path / "b.pt", b)
     one = Predictor.from_checkpoints(tmp_path / "a.pt", device="cpu", precision="fp32")
-    assert len(one.models) == 1 and one.inference == InferenceConfig(0.4, "lcc") and one.kind == "tumorseg"
+    assert one.members == 1 and one.inference == InferenceConfig(0.4, "lcc") and one.kind == "tumorseg"
     both = Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], threshold=0.6, tta=True,
                                       device="cpu", precision="fp32")
-    assert len(both.models) == 2 and both.inference == InferenceConfig(0.6, "lcc", True)
+    assert both.members == 2 and both.inference == InferenceConfig(0.6, "lcc", True)
     assert both.source == f"{tmp_path / 'a.pt'}, {tmp_path / 'b.pt'}"
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():

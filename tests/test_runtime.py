@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -10,6 +11,7 @@ import torch
 
 import tumorseg.runtime as runtime
 from tumorseg.errors import ConfigError
+from tumorseg.model import UNet
 from tumorseg.runtime import (
     StopRequest,
     StopTraining,
@@ -40,21 +42,90 @@ def test_resolve_precision_explicit():
     assert resolve_precision("bf16", torch.device("mps")) is torch.bfloat16
 
 
-@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])
-def test_resolve_precision_auto_on_cpu_follows_native_bf16(native, expected, monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
-    assert resolve_precision("auto", CPU) is expected
+def _timings(fastest: str):
+    """A stand-in for `time_candidates` that makes `fastest` win and counts its calls."""
+    calls = []
+
+    def fake(candidates, **kw):
+        calls.append(sorted(candidates))
+        return {name: (0.001 if name == fastest else 0.002) for name in candidates}
+    return fake, calls
 
 
-@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
-def test_resolve_precision_auto_on_cuda(bf16, expected, monkeypatch):
+@pytest.mark.parametrize(("fastest", "expected"), [("bf16", torch.bfloat16), ("fp32", None)])
+def test_auto_precision_is_measured_once_and_cached(fastest, expected, monkeypatch, tmp_path):
+    monkeypatch.setenv("TUMORSEG_CACHE_DIR", str(tmp_path))
+    fake, calls = _timings(fastest)
+    monkeypatch.setattr(runtime, "time_candidates", fake)
+    model = UNet(n_features=2, depth=2)
+    assert resolve_precision("auto", CPU, model) is expected
+    assert resolve_precision("auto", CPU, model) is expected
+    assert calls == [["bf16", "fp32"]]  # the second call read the cache
+    table = json.loads((tmp_path / "precision-inference.json").read_text())
+    (entry,) = table.values()
+    assert entry["choice"] == fastest and set(entry["seconds"]) == {"fp32", "bf16"}
+    # Training is timed on its own, and so is another model shape.
+    resolve_precision("auto", CPU, model, train=True)
+    resolve_precision("auto", CPU, UNet(n_features=4, depth=2))
+    assert len(calls) == 3
+
+
+def test_auto_precision_without_a_model_or_on_mps_is_fp32(monkeypatch):
+    monkeypatch.setattr(runtime, "time_candidates", lambda *a, **k: pytest.fail("nothing to time"))
+    assert resolve_precision("auto", CPU) is None
+    assert resolve_precision("auto", torch.device("mps"), UNet(n_features=2, depth=2)) is None
+
+
+@pytest.mark.parametrize(("bf16", "names"), [(True, ["bf16", "fp32"]), (False, ["fp16", "fp32"])])
+def test_auto_precision_on_cuda_times_the_half_type_it_has(bf16, names, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
-    assert resolve_precision("auto", torch.device("cuda")) is expected
+    assert sorted(runtime.precision_candidates(torch.device("cuda"))) == names
 
 
-def test_resolve_precision_auto_on_mps_is_fp32(monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert resolve_precision("auto", torch.device("mps")) is None
+def test_timing_leaves_the_model_untouched(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUMORSEG_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = UNet(n_features=2, depth=2).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    resolve_precision("auto", CPU, model, train=True, sample=(2, 3, 16, 16))
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics too
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_an_unwritable_cache_is_measured_around(monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("TUMORSEG_CACHE_DIR", str(blocker / "sub"))
+    fake, calls = _timings("fp32")
+    monkeypatch.setattr(runtime, "time_candidates", fake)
+    assert resolve_precision("auto", CPU, UNet(n_features=2, depth=2)) is None
+    assert "could not cache the precision-inference choice" in caplog.text
+
+
+def test_time_candidates_gives_up_on_a_much_slower_candidate():
+    import time
+
+    runs = {"fast": 0, "slow": 0}
+
+    def fast():
+        runs["fast"] += 1
+
+    def slow():
+        runs["slow"] += 1
+        time.sleep(0.02)
+
+    timings = runtime.time_candidates({"fast": fast, "slow": slow}, repeats=3)
+    assert runs == {"fast": 4, "slow": 1} and timings["slow"] > timings["fast"]
+
+
+def test_measured_choice_reads_only_known_choices(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUMORSEG_CACHE_DIR", str(tmp_path))
+    (tmp_path / "engine.json").write_text(json.dumps({json.dumps({"k": 1}): {"choice": "gone"}}))
+    assert runtime.cached_choice("engine", {"k": 1}, ["a", "b"]) is None
+    (tmp_path / "engine.json").write_text("not json")
+    assert runtime.measured_choice("engine", {"k": 1}, {"a": lambda: None}) == "a"  # one candidate: no timing
 
 
 @pytest.mark.parametrize("name", ["fp16", "BF16", ""])

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from tumorseg.config import (
+    ENGINE_CHOICES,
     PRECISION_CHOICES,
     PRESETS,
     InferenceConfig,
@@ -22,6 +23,7 @@ from tumorseg.config import (
     preset,
 )
 from tumorseg.errors import TumorsegError
+from tumorseg.export import CALIBRATION_SLICES, FORMATS
 from tumorseg.inference import BATCH_SIZE, Predictor
 from tumorseg.runtime import DEVICE_HELP
 
@@ -61,11 +63,16 @@ def _set_threads(threads: int | None) -> None:
 
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", nargs="+", action="extend", default=None, metavar="PATH",
-                   help="tumorseg checkpoint or the original unet.pt; several make an ensemble that "
-                        "averages probabilities (default: the model shipped with the package)")
+                   help="tumorseg checkpoint, the original unet.pt, or a model exported to .onnx or .xml "
+                        "(OpenVINO); several checkpoints make an ensemble that averages probabilities "
+                        "(default: the model shipped with the package)")
     _add_inference_args(p, "the checkpoint's; for unet.pt 0.5, none, no TTA")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
-                   help=f"{field_help(TrainConfig, 'precision')} (default: auto)")
+                   help="auto (the fastest, timed once on this machine and cached; includes the shipped "
+                        "model's int8 variant), bf16 or fp32 (default: auto)")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                   help="torch, onnxruntime, openvino, or auto (the fastest installed engine for this model "
+                        "on this machine, timed once and cached) (default: auto)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
 
@@ -125,17 +132,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
     _add_train_config_args(p)
 
-    p = sub.add_parser("export", help="one file to ship: a cross-validation run's fold ensemble, or a release copy",
-                       description="Write the fold models of a `tumorseg crossval` run as one ensemble file "
-                                   "(float16 weights) with the threshold and post-processing chosen out of "
-                                   "fold; or, given a checkpoint, a release copy without the training state.")
-    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a crossval run folder or a tumorseg checkpoint")
-    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (required)")
+    p = sub.add_parser("export", help="one file to ship: a fold ensemble, a release copy, or an ONNX/OpenVINO model",
+                       description="Write the fold models of a `tumorseg crossval` run as one ensemble (with the "
+                                   "threshold and post-processing chosen out of fold), or a checkpoint without "
+                                   "its training state; as a .pt file (float16 weights for an ensemble), an "
+                                   "fp32 ONNX graph, or an OpenVINO IR in fp32 or int8. Graphs have BatchNorm "
+                                   "folded, logits as output, dynamic batch and size, and the metadata that "
+                                   "`--checkpoint FILE` needs inside.")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                   help="a crossval run folder, a tumorseg checkpoint or ensemble file")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the file to write: NAME.pt, NAME.onnx or NAME.xml (+ NAME.bin) (required)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="pt, onnx or openvino (default: from the --out suffix: .onnx, .xml, else pt)")
+    p.add_argument("--int8", action="store_true",
+                   help="quantise to int8 with NNCF (--format openvino; needs --calibration) (default: fp32)")
+    p.add_argument("--calibration", default=None, metavar="DATA",
+                   help="kaggle_3m folder or cache with the patients the model trained on; int8 calibrates "
+                        "on slices of those patients only (default: none)")
+    p.add_argument("--calibration-slices", type=int, default=CALIBRATION_SLICES,
+                   help=f"slices drawn for calibration (default: {CALIBRATION_SLICES})")
     p.add_argument("--threshold", type=float, default=None,
                    help=f"{field_help(InferenceConfig, 'threshold')} (default: the run's choice or the checkpoint's)")
     p.add_argument("--postprocess", default=None, metavar="METHOD",
                    help=f"{field_help(InferenceConfig, 'postprocess')} (default: the run's choice or the "
                         "checkpoint's)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
 
     p = sub.add_parser("evaluate", help="per-patient scores and a report on labelled data",
                        description="Score a model on labelled patients: per-patient Dice, IoU, "
@@ -233,20 +255,13 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from tumorseg.checkpoint import export_weights
-    from tumorseg.crossval import export_run
-    from tumorseg.fileio import check_output_dir
+    from tumorseg.export import export_model
 
-    source, out = Path(a.source), Path(a.out)
-    check_output_dir(out.parent)
-    if out.is_dir():
-        raise TumorsegError(f"{out} is a folder; pass a file name to --out")
-    if source.is_dir():
-        export_run(source, out, threshold=a.threshold, postprocess=a.postprocess)
-    else:
-        export_weights(source, out, threshold=a.threshold, postprocess=a.postprocess)
-    size = out.stat().st_size / 2**20
-    print(f"wrote {out} ({size:.1f} MiB)")
+    written = export_model(a.source, a.out, fmt=a.format, int8=a.int8, calibration=a.calibration,
+                           calibration_slices=a.calibration_slices, threshold=a.threshold,
+                           postprocess=a.postprocess, progress=not a.no_progress)
+    size = sum(p.stat().st_size for p in written) / 2**20
+    print(f"wrote {', '.join(str(p) for p in written)} ({size:.1f} MiB)")
     return 0
 
 
@@ -263,7 +278,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     patients = held_out_patients(a.split, a.fold) if a.split else None
     # The model first: a bad checkpoint or setting fails before the data are decoded.
     predictor = Predictor.from_checkpoints(a.checkpoint, threshold=a.threshold, postprocess=a.postprocess,
-                                           tta=a.tta, device=a.device, precision=a.precision)
+                                           tta=a.tta, device=a.device, precision=a.precision,
+                                           engine=a.engine)
     cache = open_data(a.data, progress=not a.no_progress)
     report = evaluate(cache, a.out, predictor=predictor, patients=patients, spacing=a.spacing,
                       show_progress=not a.no_progress)
@@ -280,7 +296,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
     summaries = predict(a.inputs, a.out, checkpoint=a.checkpoint, threshold=a.threshold,
                         postprocess=a.postprocess, overlay=a.overlay, tta=a.tta, precision=a.precision,
-                        device=a.device, batch_size=a.batch_size, show_progress=not a.no_progress)
+                        device=a.device, engine=a.engine, batch_size=a.batch_size, show_progress=not a.no_progress)
     width = max(len("volume"), *(len(s.volume) for s in summaries))
     print(f"{'volume':<{width}}  slices  tumour slices  tumour pixels  removed by post-processing")
     for s in summaries:

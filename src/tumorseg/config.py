@@ -38,6 +38,7 @@ NORM_PERCENTILES: tuple[float, float] = (10.0, 99.0)
 # the components whose highest probability reaches P (multifocal tumours survive).
 POSTPROCESS_CHOICES: tuple[str, ...] = ("none", "lcc", "min_size:N", "confident:P")
 PRECISION_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp32")
+ENGINE_CHOICES: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
 LOSS_CHOICES: tuple[str, ...] = ("dice", "dice_per_image", "bce_dice")
 SCHEDULE_CHOICES: tuple[str, ...] = ("step", "cosine")
 

@@ -37,7 +37,6 @@ from tumorseg.fileio import atomic_write, atomic_write_text, check_output_dir, u
 from tumorseg.inference import Predictor
 from tumorseg.metrics import confusion_counts, dice_from_counts
 from tumorseg.postprocess import binarize
-from tumorseg.runtime import precision_name, resolve_precision, select_device
 
 log = logging.getLogger(__name__)
 
@@ -241,23 +240,21 @@ def crossval(
     header = {"checkpoint": ", ".join(str(m) for m in models), "checkpoint_kind": "out-of-fold fold models",
               "models": len(models), "model_paths": [str(m) for m in models],
               "threshold": chosen.threshold, "postprocess": chosen.postprocess, "tta": False,
-              "precision": precision_name(resolve_precision(precision, select_device(device))),
+              "precision": precision,
               "channels": list(cfg.channels),
               "chosen_on": "these out-of-fold predictions (see postprocessing.json)",
               "test_patients": sorted(split.test)}
     return write_report(run_dir / "crossval", header, scored, plots=plots, sections={"folds": folds})
 
-def export_run(run_dir: str | Path, dst: str | Path, *, threshold: float | None = None,
-               postprocess: str | None = None) -> Path:
-    """Write the fold models of a cross-validation run as one ensemble file (float16
-    weights) with the threshold and post-processing chosen on its out-of-fold predictions
-    (RUN/crossval/postprocessing.json), overridden where given, and its out-of-fold summary.
+def run_members(run_dir: str | Path, *, threshold: float | None = None,
+                postprocess: str | None = None) -> tuple[list[Path], InferenceConfig, dict[str, Any], str]:
+    """The fold models of a finished cross-validation run, the threshold and
+    post-processing chosen on its out-of-fold predictions (RUN/crossval/postprocessing.json)
+    overridden where given, its out-of-fold summary and a note naming the run.
 
     Raises:
         TumorsegError: not a finished cross-validation run, or a bad setting.
     """
-    from tumorseg.checkpoint import export_ensemble
-
     run_dir = Path(run_dir)
     split = run_dir / "splits.json"
     chosen_path = run_dir / "crossval" / "postprocessing.json"
@@ -285,9 +282,22 @@ def export_run(run_dir: str | Path, dst: str | Path, *, threshold: float | None 
     except (OSError, ValueError, KeyError, TypeError):
         summary = {}
     metrics = {"out_of_fold": summary, "out_of_fold_setting": chosen.to_dict()}
+    overridden = "" if inference == chosen else " (settings overridden after the out-of-fold choice)"
+    return sources, inference, metrics, f"{folds}-fold ensemble of {run_dir.name}{overridden}"
+
+
+def export_run(run_dir: str | Path, dst: str | Path, *, threshold: float | None = None,
+               postprocess: str | None = None) -> Path:
+    """Write the fold models of a cross-validation run as one ensemble file (float16
+    weights) with the settings of `run_members`.
+
+    Raises:
+        TumorsegError: not a finished cross-validation run, or a bad setting.
+    """
+    from tumorseg.checkpoint import export_ensemble
+
+    sources, inference, metrics, notes = run_members(run_dir, threshold=threshold, postprocess=postprocess)
     check_output_dir(Path(dst).parent)
     if Path(dst).is_dir():
         raise TumorsegError(f"{dst} is a folder; pass a file name to --out")
-    overridden = "" if inference == chosen else " (settings overridden after the out-of-fold choice)"
-    return export_ensemble(sources, dst, inference=inference, metrics=metrics,
-                           notes=f"{folds}-fold ensemble of {run_dir.name}{overridden}")
+    return export_ensemble(sources, dst, inference=inference, metrics=metrics, notes=notes)

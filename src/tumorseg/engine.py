@@ -276,11 +276,13 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
         train_patients, val_patients = split.train(cfg.fold), split.val(cfg.fold)
 
     dev = select_device(device)
-    dtype = resolve_precision(cfg.precision, dev)
+    model, optimizer, scheduler, loss_fn = build_training(cfg, dev)
+    side = cfg.crop or 128
+    dtype = resolve_precision(cfg.precision, dev, model, train=True, sample=(2, len(cfg.channels), side, side),
+                              channels_last=cfg.channels_last)
     what = f"fold {cfg.fold} of {cfg.folds}" if cfg.fold >= 0 else "every non-test patient"
     log.info(f"training {what} into {run_dir} ({'resuming' if resume else 'new run'}) on {dev}, "
              f"{precision_name(dtype)}")
-    model, optimizer, scheduler, loss_fn = build_training(cfg, dev)
     history: list[dict[str, Any]] = []
     progress = EpochProgress()
     best: dict[str, Any] = {"epoch": 0, "dice": -math.inf}
@@ -303,7 +305,7 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
     val = load_arrays(cache, val_patients, cfg.channels) if val_patients else None
     # The live model, unfused: validation sees exactly the weights being trained.
     predictor = Predictor([model], channels=cfg.channels, inference=inference, device=dev,
-                          precision=cfg.precision, channels_last=cfg.channels_last, fuse=False)
+                          precision=precision_name(dtype), channels_last=cfg.channels_last, fuse=False)
 
     def checkpoint(path: Path) -> None:
         save_checkpoint(path, Checkpoint.of_model(

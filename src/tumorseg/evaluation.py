@@ -84,6 +84,7 @@ def evaluate(
     tta: bool | None = None,
     precision: str = "auto",
     device: str = "auto",
+    engine: str = "auto",
     spacing: Sequence[float] | None = None,
     show_progress: bool = True,
     plots: bool = True,
@@ -118,7 +119,7 @@ def evaluate(
     check_output_dir(out_dir)
     if predictor is None:
         predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess,
-                                               tta=tta, device=device, precision=precision)
+                                               tta=tta, device=device, precision=precision, engine=engine)
 
     scored: list[ScoredPatient] = []
     for patient in tqdm(names, desc="evaluating", unit="patient", disable=None if show_progress else True):
@@ -128,8 +129,9 @@ def evaluate(
         scored.append(score_volume(patient, seg.mask, truth, images, cache.records[patient].slices, spacing))
     header = {
         "checkpoint": predictor.source,
-        "checkpoint_kind": "ensemble" if len(predictor.models) > 1 else predictor.kind,
-        "models": len(predictor.models),
+        "checkpoint_kind": "ensemble" if predictor.members > 1 else predictor.kind,
+        "models": predictor.members,
+        "engine": predictor.engine.name,
         "threshold": float(predictor.inference.threshold),
         "postprocess": predictor.inference.postprocess,
         "tta": predictor.inference.tta,

@@ -11,7 +11,6 @@ probabilities with those of the horizontally flipped slices.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,29 +20,12 @@ import torch
 from torch import nn
 
 from tumorseg.checkpoint import Checkpoint, load_members
-from tumorseg.config import CHANNELS, NORM_PERCENTILES, InferenceConfig, channel_indices
+from tumorseg.config import CHANNELS, ENGINE_CHOICES, NORM_PERCENTILES, InferenceConfig, channel_indices
 from tumorseg.data.normalization import normalize, volume_percentiles
+from tumorseg.engines import Engine, fuse_batchnorm, torch_engine  # noqa: F401 (fuse_batchnorm: public here too)
 from tumorseg.errors import CheckpointError, ConfigError
+from tumorseg.export import format_of, read_graph_info
 from tumorseg.postprocess import binarize
-from tumorseg.runtime import autocast, precision_name, resolve_precision, select_device
-
-
-def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of an eval-mode U-Net with every BatchNorm folded into the convolution before
-    it: the same function (up to rounding) with one pass over each feature map fewer.
-    The copy keeps the skip-connection hooks; it is for inference only."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    from tumorseg.model import Block
-
-    fused = copy.deepcopy(model).eval()
-    for block in fused.modules():
-        if isinstance(block, Block):
-            block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn1)
-            block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn2)
-            block.bn1, block.bn2 = nn.Identity(), nn.Identity()
-    return fused
-
 
 BATCH_SIZE = 16  # slices per forward pass, unless the caller says otherwise
 
@@ -51,6 +33,11 @@ BATCH_SIZE = 16  # slices per forward pass, unless the caller says otherwise
 def default_checkpoint_path() -> Path:
     """The model shipped inside the package."""
     return Path(__file__).resolve().parent / "weights" / "tumorseg_lgg.pt"
+
+
+def default_int8_path() -> Path:
+    """The shipped model's int8 variant (OpenVINO IR), used where it is measured faster."""
+    return default_checkpoint_path().with_name("tumorseg_lgg_int8.xml")
 
 
 @dataclass
@@ -84,15 +71,18 @@ def check_model_arguments(predictor: Predictor | None, **settings: object) -> No
 
 
 class Predictor:
-    """One model or an ensemble, ready to predict.
+    """One model or an ensemble, ready to predict, on any engine (`tumorseg.engines`).
 
     Args:
-        models: U-Nets returning logits; an ensemble averages their probabilities.
+        models: U-Nets returning logits, run by PyTorch; an ensemble averages their
+            probabilities. Not given when `engine` is a ready engine.
+        engine: a ready engine (e.g. of an exported graph) instead of `models`.
         channels: the input sequences the models expect, by name (subset of CHANNELS).
         percentiles: per-patient normalisation percentiles (low, high).
         inference: threshold, post-processing and TTA.
-        device, precision: where and in which autocast dtype to run ("auto" measures
-            nothing: CUDA/MPS/CPU and bf16 where native, see runtime).
+        device, precision: where and in which autocast dtype PyTorch runs; "auto" precision
+            times the model in fp32 and bf16 on this device once and keeps the faster
+            (cached, see `runtime.resolve_precision`).
         batch_size: slices per forward pass.
         channels_last: feed channels-last tensors.
         fuse: fold BatchNorm into the convolutions (a copy of each model; for models that
@@ -107,8 +97,9 @@ class Predictor:
 
     def __init__(
         self,
-        models: Sequence[nn.Module],
+        models: Sequence[nn.Module] = (),
         *,
+        engine: Engine | None = None,
         channels: Sequence[str] = CHANNELS,
         percentiles: tuple[float, float] = NORM_PERCENTILES,
         inference: InferenceConfig | None = None,
@@ -120,28 +111,19 @@ class Predictor:
         source: str = "",
         kind: str = "tumorseg",
     ):
-        if not models:
+        if engine is None and not models:
             raise ConfigError("a Predictor needs at least one model")
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        self.device = select_device(device)
-        self.dtype = resolve_precision(precision, self.device)
         self.channels = tuple(channels)
         self._channel_index = channel_indices(self.channels)
         self.percentiles = (float(percentiles[0]), float(percentiles[1]))
         self.inference = inference or InferenceConfig()
         self.batch_size = batch_size
-        self.channels_last = channels_last
         self.source = source
         self.kind = kind
-        prepared = []
-        for m in models:
-            if fuse:
-                m = fuse_batchnorm(m).to(self.device)
-                if channels_last:
-                    m = m.to(memory_format=torch.channels_last)
-            prepared.append(m)
-        self.models = prepared
+        self.engine = engine or torch_engine(models, device=device, precision=precision,
+                                             channels_last=channels_last, fuse=fuse)
 
     @classmethod
     def from_checkpoints(
@@ -153,18 +135,30 @@ class Predictor:
         tta: bool | None = None,
         device: str | torch.device = "auto",
         precision: str = "auto",
+        engine: str = "auto",
         batch_size: int = BATCH_SIZE,
     ) -> Predictor:
-        """A Predictor of one checkpoint, or an ensemble of several or of an ensemble file
+        """A Predictor of one checkpoint, of several (an ensemble) or of an ensemble file
         (they must agree on channels and normalisation; the first one's inference settings
-        apply), or of the model shipped with the package when `paths` is None. threshold/postprocess/tta
-        override the stored inference settings where given.
+        apply), of an exported .onnx/.xml graph, or of the model shipped with the package
+        when `paths` is None. threshold/postprocess/tta override the stored inference
+        settings where given.
+
+        `engine` is "torch", "onnxruntime", "openvino", or "auto": the fastest installed
+        engine for this model on this machine, timed once and cached (CPU only; other
+        devices run PyTorch). With `precision` "auto", the shipped model's int8 variant
+        takes part in that choice.
 
         Raises:
             CheckpointError: unreadable checkpoints, checkpoints that disagree, or no
                 shipped model in this install.
-            ConfigError: an override out of range.
+            ConfigError: an override out of range, or an engine that cannot run this model.
         """
+        from tumorseg.engines import choose_engine
+
+        if engine not in ENGINE_CHOICES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")
+        variants: list[Path] = []
         if paths is None:
             path = default_checkpoint_path()
             if not path.is_file():
@@ -172,71 +166,79 @@ class Predictor:
                     f"no model is shipped with this installation ({path} is missing); "
                     "pass --checkpoint PATH (a tumorseg best.pt or the original unet.pt)")
             paths = [path]
+            if precision == "auto" and default_int8_path().is_file():
+                variants.append(default_int8_path())
         elif isinstance(paths, (str, Path)):
             paths = [paths]
-        checkpoints: list[Checkpoint] = [ck for p in paths for ck in load_members(p)]
-        if not checkpoints:
+        paths = [Path(p) for p in paths]
+        if not paths:
             raise CheckpointError("no checkpoint given")
+        graphs = [p for p in paths if format_of(p) != "pt"]
+        if graphs:
+            if len(paths) > 1:
+                raise ConfigError(f"{graphs[0]} is an exported model; pass it alone (export an ensemble as one "
+                                  "file with `tumorseg export`)")
+            info = read_graph_info(graphs[0])
+            inference = info.inference.replace(threshold=threshold, postprocess=postprocess, tta=tta)
+            chosen = choose_engine(engine, graphs[0], info, device=device, precision=precision)
+            return cls(engine=chosen, channels=info.channels, percentiles=info.percentiles, inference=inference,
+                       batch_size=batch_size, source=str(graphs[0]))
+        checkpoints: list[Checkpoint] = [ck for p in paths for ck in load_members(p)]
         first = checkpoints[0]
         for ck in checkpoints[1:]:
             if (ck.channels, ck.percentiles) != (first.channels, first.percentiles):
                 raise CheckpointError(f"{ck.path} expects channels {list(ck.channels)} and percentiles "
                                       f"{ck.percentiles}, unlike {first.path}; an ensemble needs one input")
         inference = first.inference.replace(threshold=threshold, postprocess=postprocess, tta=tta)
-        return cls([ck.build_model() for ck in checkpoints], channels=first.channels,
-                   percentiles=first.percentiles, inference=inference, device=device, precision=precision,
+        chosen = choose_engine(engine, checkpoints, None, device=device, precision=precision, variants=variants)
+        return cls(engine=chosen, channels=first.channels, percentiles=first.percentiles, inference=inference,
                    batch_size=batch_size, source=", ".join(dict.fromkeys(ck.path for ck in checkpoints)),
                    kind=first.kind)
 
     @property
     def precision(self) -> str:
-        return precision_name(self.dtype)
+        return self.engine.precision
+
+    @property
+    def members(self) -> int:
+        """Models averaged (1 for a single model)."""
+        return self.engine.members
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
     # ------------------------------------------------------------------ normalised slices
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, *, logits: bool = False) -> Prediction:
         """Probabilities (and, with `logits`, logits) float32 (N, 1, H, W) for normalised
-        images float32 (N, C, H, W), in chunks of `batch_size` on the device."""
+        images float32 (N, C, H, W), in chunks of `batch_size`."""
         if images.dim() != 4 or images.shape[1] != len(self.channels):
             raise ConfigError(f"expected images (N, {len(self.channels)}, H, W), got {tuple(images.shape)}")
         n = images.shape[0]
         probs = torch.empty((n, 1, *images.shape[-2:]), dtype=torch.float32)
         raw = torch.empty_like(probs) if logits else None
-        modes = [m.training for m in self.models]
-        for m in self.models:
-            m.eval()
-        try:
-            for start in range(0, n, self.batch_size):
-                s = slice(start, min(start + self.batch_size, n))
-                x = images[s].to(self.device)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                p, z = self._forward(x)
-                probs[s] = p.cpu()
-                if raw is not None:
-                    raw[s] = z.cpu()
-        finally:
-            for m, mode in zip(self.models, modes, strict=True):
-                m.train(mode)
+        for start in range(0, n, self.batch_size):
+            s = slice(start, min(start + self.batch_size, n))
+            p, z = self._forward(images[s])
+            probs[s] = p.cpu()
+            if raw is not None:
+                raw[s] = z.cpu()
         return Prediction(probs, raw)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(probabilities, logits) of one chunk: mean over models (and the flip with TTA)."""
-        total = torch.zeros((x.shape[0], 1, *x.shape[-2:]), dtype=torch.float32, device=x.device)
-        single_logits = None
-        for m in self.models:
-            with autocast(self.device, self.dtype):
-                z = m(x).float()
-                p = torch.sigmoid(z)
-                if self.inference.tta:
-                    p = 0.5 * (p + torch.sigmoid(m(x.flip(-1)).float()).flip(-1))
-            total += p
-            single_logits = z
-        p = total / len(self.models)
-        if len(self.models) == 1 and not self.inference.tta:
-            return p, single_logits  # type: ignore[return-value]
-        return p, torch.logit(p, eps=1e-6)
+        """(probabilities, logits) of one chunk: the mean over models (and over the flip
+        with TTA) of the probabilities; the logits of that mean, or the model's own logits
+        for one model without TTA."""
+        z = self.engine(x).float()  # (N, M, H, W)
+        p = torch.sigmoid(z)
+        if self.inference.tta:
+            p = 0.5 * (p + torch.sigmoid(self.engine(x.flip(-1)).float()).flip(-1))
+        mean = p.mean(dim=1, keepdim=True)
+        if z.shape[1] == 1 and not self.inference.tta:
+            return mean, z
+        return mean, torch.logit(mean, eps=1e-6)
 
     # ------------------------------------------------------------------ raw volumes
 

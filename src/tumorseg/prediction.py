@@ -99,6 +99,7 @@ def predict(
     tta: bool | None = None,
     precision: str = "auto",
     device: str | torch.device = "auto",
+    engine: str = "auto",
     batch_size: int = BATCH_SIZE,
     show_progress: bool = True,
     predictor: Predictor | None = None,
@@ -120,7 +121,8 @@ def predict(
     read_summary(out / "summary.csv")  # a table we could not merge into fails now, not after the work
     if predictor is None:
         predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess, tta=tta,
-                                               device=device, precision=precision, batch_size=batch_size)
+                                               device=device, precision=precision, engine=engine,
+                                               batch_size=batch_size)
     summaries = []
     bar = None if show_progress and len(volumes) > 1 else True  # None: only on a terminal
     for vol in tqdm(volumes, desc="predicting", unit="volume", disable=bar):

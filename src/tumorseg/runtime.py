@@ -1,17 +1,31 @@
 """Where and how computation runs, for training and inference alike: device choice,
-precision (autocast dtype), and stop signals (Ctrl-C/SIGTERM handled at step boundaries)."""
+precision (autocast dtype, measured), choices made by timing and cached per machine, and
+stop signals (Ctrl-C/SIGTERM handled at step boundaries)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from tumorseg.config import PRECISION_CHOICES
 from tumorseg.errors import ConfigError
+from tumorseg.fileio import atomic_write_text
+
+log = logging.getLogger("tumorseg")
 
 DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto (CUDA, then MPS, then the CPU)"
 
@@ -46,7 +60,8 @@ def select_device(name: str | torch.device = "auto") -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AVX512-BF16 or AMX-BF16 instructions. Read from /proc/cpuinfo
-    (Linux); elsewhere False."""
+    (Linux); elsewhere False. Informational only: precision is chosen by timing, because
+    the flag does not say whether bf16 pays (it is slower than fp32 on some CPUs that have it)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -58,10 +73,133 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+# ---------------------------------------------------------------------- measured choices
+
+CACHE_ENV = "TUMORSEG_CACHE_DIR"
+
+
+def user_cache_dir() -> Path:
+    """Where measured choices are kept: $TUMORSEG_CACHE_DIR, else $XDG_CACHE_HOME/tumorseg,
+    else ~/.cache/tumorseg."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tumorseg"
+
+
+def hardware_name(device: torch.device) -> str:
+    """The processor a measurement was made on: the CPU model (with the thread count
+    PyTorch uses) or the GPU's name."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return f"mps:{platform.machine()}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu:{name}, {torch.get_num_threads()} threads"
+
+
+def model_signature(model: nn.Module) -> str:
+    """A short hash of a model's class and parameter shapes: models that cost the same share it."""
+    shapes = [type(model).__name__] + [f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters()]
+    return hashlib.sha1("|".join(shapes).encode()).hexdigest()[:12]
+
+
+def time_candidates(candidates: dict[str, Callable[[], object]], repeats: int = 3,
+                    give_up: float = 3.0) -> dict[str, float]:
+    """Seconds per call of each candidate: the best of `repeats` calls after one warm-up.
+    A candidate whose warm-up already takes `give_up` times the best time so far is not
+    repeated (a precision without hardware support can be 100x slower; one call says so)."""
+    timings: dict[str, float] = {}
+    for name, run in candidates.items():
+        t = time.perf_counter()
+        run()
+        warm = time.perf_counter() - t
+        if timings and warm > give_up * min(timings.values()):
+            timings[name] = warm
+            continue
+        best = warm
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
+        timings[name] = best
+    return timings
+
+
+def _choice_table(kind: str) -> tuple[Path, dict[str, Any]]:
+    path = user_cache_dir() / f"{kind}.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    return path, table if isinstance(table, dict) else {}
+
+
+def cached_choice(kind: str, key: dict[str, Any], names: Iterable[str]) -> str | None:
+    """The choice stored for `kind` and `key` by `measured_choice`, if it is one of `names`."""
+    path, table = _choice_table(kind)
+    cached = table.get(json.dumps(key, sort_keys=True))
+    if isinstance(cached, dict) and cached.get("choice") in set(names):
+        log.info(f"{kind}: {cached['choice']} (measured earlier on this machine; cache {path})")
+        return str(cached["choice"])
+    return None
+
+
+def measured_choice(kind: str, key: dict[str, Any], candidates: dict[str, Callable[[], object]]) -> str:
+    """The fastest of `candidates` (name -> one representative call), timed the first time
+    this `kind` and `key` are met and then read from `user_cache_dir()/<kind>.json`.
+    Says in the log what it picked and whether it measured. A cache that cannot be read
+    or written is measured around, never an error."""
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    cached = cached_choice(kind, key, candidates)
+    if cached is not None:
+        return cached
+    timings = time_candidates(candidates)
+    choice = min(timings, key=timings.__getitem__)
+    path, table = _choice_table(kind)
+    table[json.dumps(key, sort_keys=True)] = {"choice": choice, "seconds": {k: round(v, 6) for k, v in timings.items()}}
+    try:
+        atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
+    except OSError as e:
+        log.warning(f"could not cache the {kind} choice in {path}: {e}")
+    shown = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items())
+    log.info(f"{kind}: {choice} (measured now: {shown})")
+    return choice
+
+
+# ---------------------------------------------------------------------- precision
+
+def precision_candidates(device: torch.device) -> dict[str, torch.dtype | None]:
+    """The autocast dtypes worth timing on `device`: fp32 and bf16 (fp16 on CUDA GPUs
+    without bf16); MPS runs fp32."""
+    if device.type == "cuda":
+        return {"fp32": None, "bf16" if torch.cuda.is_bf16_supported() else "fp16":
+                torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16}
+    if device.type == "cpu":
+        return {"fp32": None, "bf16": torch.bfloat16}
+    return {"fp32": None}
+
+
+def resolve_precision(precision: str, device: torch.device, model: nn.Module | None = None, *,
+                      train: bool = False, sample: tuple[int, ...] = (2, 3, 128, 128),
+                      channels_last: bool = False) -> torch.dtype | None:
     """The autocast dtype for `precision` ("auto", "bf16", "fp32") on `device`, or None
-    for plain fp32. "auto" uses bf16 on CPUs with native bf16 and on CUDA GPUs with
-    bf16 support (fp16 on older GPUs); elsewhere fp32.
+    for plain fp32.
+
+    "auto" times `model` in each candidate dtype (`precision_candidates`) on a random input
+    of shape `sample` (channels from the model's first convolution; channels-last memory
+    format if asked): forward passes for inference, forward+backward with `train`, and
+    keeps the faster, cached per device, torch version and model shape
+    (`measured_choice`). Without a model, "auto" is fp32.
 
     Raises:
         ConfigError: an unknown precision.
@@ -72,11 +210,41 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
+    candidates = precision_candidates(device)
+    if model is None or len(candidates) == 1:
+        return None
+    in_channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if in_channels is None:  # nothing that autocast would change
+        return None
+    shape = (sample[0], in_channels, *sample[2:])
+    key = {"device": hardware_name(device), "torch": torch.__version__, "model": model_signature(model),
+           "task": "train" if train else "inference", "sample": list(shape), "channels_last": channels_last}
+    # A copy, so that timing never touches the weights, BatchNorm statistics or gradients
+    # of the model (a resumed run continues exactly), and a private generator for the input.
+    probe = copy.deepcopy(model).train(train)
+    param = next(probe.parameters(), None)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x = x.to(param.device if param is not None else device)
+    if channels_last:
+        probe, x = probe.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+    def run(dtype: torch.dtype | None) -> Callable[[], object]:
+        def once() -> object:
+            if train:
+                with autocast(x.device, dtype):
+                    loss = probe(x).float().mean()
+                loss.backward()
+                probe.zero_grad(set_to_none=True)
+            else:
+                with torch.inference_mode(), autocast(x.device, dtype):
+                    probe(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            return None
+        return once
+
+    choice = measured_choice(f"precision-{key['task']}", key, {k: run(v) for k, v in candidates.items()})
+    return candidates[choice]
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

@@ -1,0 +1,278 @@
+"""Inference engines behind `Predictor`: PyTorch, ONNX Runtime and OpenVINO.
+
+Every engine maps normalised slices float32 (N, C, H, W) to the logits of each of its M
+models, float32 (N, M, H, W) on the CPU or the device; `Predictor` averages the
+probabilities and applies TTA on top, whatever the engine.
+
+- `TorchEngine` runs `nn.Module`s under autocast (any device).
+- `OnnxRuntimeEngine` and `OpenVinoEngine` run an exported graph (`tumorseg.export`) on the
+  CPU: fp32 from an ONNX file or from PyTorch models exported on the fly, int8 from an
+  OpenVINO IR written by `tumorseg export --int8`.
+
+onnxruntime and openvino are imported only when an engine needs them.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tumorseg.errors import ConfigError
+from tumorseg.runtime import (
+    autocast,
+    cached_choice,
+    hardware_name,
+    measured_choice,
+    model_signature,
+    precision_name,
+    resolve_precision,
+    select_device,
+)
+
+if TYPE_CHECKING:
+    from tumorseg.checkpoint import Checkpoint
+    from tumorseg.export import GraphInfo
+
+ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def engine_installed(name: str) -> bool:
+    """True for "torch", and for the ONNX Runtime / OpenVINO engines when their package imports."""
+    package = ENGINE_PACKAGES.get(name)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def require_engine(name: str) -> None:
+    """Raises ConfigError naming the pip command when an engine's package is missing."""
+    if not engine_installed(name):
+        raise ConfigError(f"engine {name} needs the {ENGINE_PACKAGES[name]} package; "
+                          f"pip install {ENGINE_PACKAGES[name]}, or use --engine torch")
+
+
+def fuse_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode U-Net with every BatchNorm folded into the convolution before
+    it: the same function (up to rounding) with one pass over each feature map fewer.
+    The copy keeps the skip-connection hooks; it is for inference only."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from tumorseg.model import Block
+
+    fused = copy.deepcopy(model).eval()
+    for block in fused.modules():
+        if isinstance(block, Block):
+            block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn1)
+            block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn2)
+            block.bn1, block.bn2 = nn.Identity(), nn.Identity()
+    return fused
+
+
+class TorchEngine:
+    """PyTorch models, each switched to eval mode only while it predicts (the training
+    loop validates its live model through this engine)."""
+
+    name = "torch"
+
+    def __init__(self, models: Sequence[nn.Module], device: torch.device, dtype: torch.dtype | None,
+                 channels_last: bool = True):
+        self.models = list(models)
+        self.device = device
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    @property
+    def members(self) -> int:
+        return len(self.models)
+
+    @property
+    def precision(self) -> str:
+        return precision_name(self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outputs = []
+        for m in self.models:
+            mode = m.training
+            m.eval()
+            try:
+                with torch.inference_mode(), autocast(self.device, self.dtype):
+                    outputs.append(m(x).float())
+            finally:
+                m.train(mode)
+        return torch.cat(outputs, dim=1)
+
+
+class OnnxRuntimeEngine:
+    """An ONNX graph (bytes or a file) on ONNX Runtime's CPU execution provider."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: bytes | str | Path, members: int, precision: str = "fp32", threads: int | None = None):
+        require_engine(self.name)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.log_severity_level = 3
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.members = members
+        self.precision = precision
+        self.device = torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)})[0]
+        return torch.from_numpy(out)
+
+
+class OpenVinoEngine:
+    """An ONNX graph or an OpenVINO IR (fp32 or int8) on OpenVINO's CPU plugin. fp32 graphs
+    run with an fp32 precision hint: OpenVINO would otherwise pick bf16 by itself on
+    some CPUs, and the fp32 engines must agree."""
+
+    name = "openvino"
+
+    def __init__(self, model: Any, members: int, precision: str = "fp32", threads: int | None = None):
+        """`model`: ONNX bytes, an .onnx or .xml path, or an `openvino.Model`."""
+        require_engine(self.name)
+        import openvino as ov
+
+        core = ov.Core()
+        if isinstance(model, bytes):
+            graph = core.read_model(model)
+        elif isinstance(model, (str, Path)):
+            graph = core.read_model(str(model))
+        else:
+            graph = model
+        config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+        if precision == "fp32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        self.compiled = core.compile_model(graph, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.members = members
+        self.precision = precision
+        self.device = torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.request.infer([np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)])
+        return torch.from_numpy(np.array(next(iter(out.values())), dtype=np.float32, copy=True))
+
+
+Engine = TorchEngine | OnnxRuntimeEngine | OpenVinoEngine
+
+
+def torch_engine(models: Sequence[nn.Module], *, device: str | torch.device = "auto", precision: str = "auto",
+                 channels_last: bool = True, fuse: bool = True) -> TorchEngine:
+    """PyTorch models on `device`, BatchNorm folded into copies with `fuse`, precision
+    resolved (timed for "auto", see `runtime.resolve_precision`)."""
+    if not models:
+        raise ConfigError("a Predictor needs at least one model")
+    dev = select_device(device)
+    prepared = []
+    for m in models:
+        if fuse:
+            m = fuse_batchnorm(m).to(dev)
+            if channels_last:
+                m = m.to(memory_format=torch.channels_last)
+        prepared.append(m)
+    dtype = resolve_precision(precision, dev, prepared[0], sample=(2, 0, 256, 256), channels_last=channels_last)
+    return TorchEngine(prepared, dev, dtype, channels_last)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+TIMING_BATCH = 4  # whole 256x256 slices per timed call when engines are compared
+
+
+def choose_engine(engine: str, source: list[Checkpoint] | Path, info: GraphInfo | None, *,
+                  device: str | torch.device = "auto", precision: str = "auto",
+                  variants: Sequence[Path] = ()) -> Engine:
+    """The engine that runs `source` (checkpoints, or an exported graph with its `info`).
+
+    "auto" builds every installed engine that can run it on the CPU (and the int8
+    `variants` of the checkpoints, when `precision` is "auto"), times them on whole slices
+    once per machine (`runtime.measured_choice`, cached) and keeps the fastest. Exported
+    graphs run on the CPU; on a GPU, "auto" is PyTorch.
+
+    Raises:
+        ConfigError: an engine that is not installed or cannot run this source.
+    """
+    from tumorseg.export import format_of, onnx_bytes, openvino_model, stacked_model
+
+    if isinstance(source, Path):
+        kind = format_of(source)
+        runs = ("onnxruntime", "openvino") if kind == "onnx" else ("openvino",)
+        if engine not in ("auto", *runs):
+            raise ConfigError(f"{source} is an exported {kind} model; it runs on {' or '.join(runs)}, not {engine} "
+                              "(PyTorch runs the .pt checkpoints)")
+        if device not in ("auto", "cpu") and select_device(device).type != "cpu":
+            raise ConfigError(f"{source} is an exported model; it runs on the CPU "
+                              "(use --device cpu, or a .pt checkpoint)")
+        assert info is not None
+        builders: dict[str, Callable[[], Engine]] = {}
+        for name in runs:
+            if engine == name or (engine == "auto" and engine_installed(name)):
+                cls = OnnxRuntimeEngine if name == "onnxruntime" else OpenVinoEngine
+                builders[name] = lambda cls=cls: cls(source, info.members, info.precision)
+        if not builders:
+            require_engine(runs[0])
+        signature = f"{info.model_config}x{info.members}-{info.precision}"
+        example_channels = len(info.channels)
+    else:
+        checkpoints = source
+        members = len(checkpoints)
+        dev = select_device(device)
+        models = [ck.build_model() for ck in checkpoints]
+        builders = {"torch": lambda: torch_engine(models, device=dev, precision=precision)}
+        if engine != "torch" and dev.type != "cpu":
+            if engine != "auto":
+                raise ConfigError(f"engine {engine} runs on the CPU; use --device cpu, or --engine torch on {dev}")
+        elif engine != "torch":
+            wanted = ("onnxruntime", "openvino") if engine == "auto" else (engine,)
+            if engine != "auto":
+                require_engine(engine)
+            if "onnxruntime" in wanted and engine_installed("onnxruntime") and importlib.util.find_spec("onnx"):
+                builders["onnxruntime"] = lambda: OnnxRuntimeEngine(
+                    onnx_bytes(stacked_model(checkpoints), torch.zeros(1, len(checkpoints[0].channels), 256, 256)),
+                    members)
+            elif engine == "onnxruntime":
+                raise ConfigError("engine onnxruntime runs .pt checkpoints through ONNX and needs the onnx package: "
+                                  "pip install onnx, or export the model with `tumorseg export --format onnx`")
+            if "openvino" in wanted and engine_installed("openvino"):
+                builders["openvino"] = lambda: OpenVinoEngine(
+                    openvino_model(stacked_model(checkpoints), torch.zeros(1, len(checkpoints[0].channels), 256, 256)),
+                    members)
+                if precision == "auto":
+                    for v in variants:
+                        builders["openvino-int8"] = lambda v=v: OpenVinoEngine(v, members, "int8")
+            if engine != "auto":
+                del builders["torch"]
+        signature = f"{model_signature(models[0])}x{members}"
+        example_channels = len(checkpoints[0].channels)
+    if len(builders) == 1:
+        return next(iter(builders.values()))()
+    key = {"device": hardware_name(torch.device("cpu")), "torch": torch.__version__,
+           "onnxruntime": _version("onnxruntime"), "openvino": _version("openvino"), "model": signature,
+           "candidates": sorted(builders), "precision": precision}
+    cached = cached_choice("engine", key, builders)
+    if cached is not None:
+        return builders[cached]()
+    built = {name: build() for name, build in builders.items()}
+    x = torch.randn((TIMING_BATCH, example_channels, 256, 256), generator=torch.Generator().manual_seed(0))
+    choice = measured_choice("engine", key, {name: (lambda e=e: e(x)) for name, e in built.items()})
+    return built[choice]

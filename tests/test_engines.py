@@ -1,0 +1,209 @@
+"""Engines and export: ONNX/OpenVINO graphs match PyTorch, carry their metadata, and are
+chosen by measurement; bad files and options get clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tumorseg.runtime as runtime
+from tumorseg import Predictor
+from tumorseg.checkpoint import Checkpoint, load_members, save_checkpoint
+from tumorseg.cli import main
+from tumorseg.config import InferenceConfig
+from tumorseg.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine, engine_installed
+from tumorseg.errors import CheckpointError, ConfigError
+from tumorseg.export import export_model, read_graph_info
+from tumorseg.model import UNet
+
+needs_onnx = pytest.mark.skipif(not (engine_installed("onnxruntime") and engine_installed("openvino")),
+                                reason="onnxruntime and openvino are installed by pip install -e '.[dev]'")
+pytestmark = needs_onnx
+
+
+def _trained_like(seed: int) -> UNet:
+    """A small U-Net whose BatchNorm statistics are not the defaults (folding must matter)."""
+    torch.manual_seed(seed)
+    model = UNet(n_features=4, depth=3).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(4, 3, 32, 32) * 3)
+    return model.eval()
+
+
+@pytest.fixture
+def checkpoints(tmp_path) -> list[Path]:
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"m{i}.pt"
+        save_checkpoint(path, Checkpoint.of_model(_trained_like(i), inference=InferenceConfig(0.4, "lcc"),
+                                                  notes=f"model {i}",
+                                                  split={"fold": 0, "train": ["PAT_A_2001", "PAT_B_2002"],
+                                                         "val": ["PAT_C_2003"]}))
+        paths.append(path)
+    return paths
+
+
+def _logits(models, x):
+    with torch.no_grad():
+        return torch.cat([m(x) for m in models], dim=1)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".xml"])
+def test_exported_ensemble_matches_pytorch_with_dynamic_sizes(checkpoints, tmp_path, suffix):
+    out = tmp_path / f"ens{suffix}"
+    ensemble = tmp_path / "ens.pt"
+    save_checkpoint(ensemble, Checkpoint.of_model(_trained_like(0)))  # replaced below by a real ensemble
+    from tumorseg.checkpoint import export_ensemble
+
+    export_ensemble(checkpoints, ensemble)
+    written = export_model(ensemble, out)
+    assert written == ([out] if suffix == ".onnx" else [out, out.with_suffix(".bin")])
+    info = read_graph_info(out)
+    assert info.members == 2 and info.precision == "fp32" and info.inference == InferenceConfig(0.4, "lcc")
+    assert info.channels == ("pre-contrast", "FLAIR", "post-contrast") and info.percentiles == (10.0, 99.0)
+    models = [ck.build_model() for ck in load_members(ensemble)]  # the float16-stored weights
+    engines = [OpenVinoEngine(out, 2)] + ([OnnxRuntimeEngine(out, 2)] if suffix == ".onnx" else [])
+    for shape in [(1, 3, 32, 32), (5, 3, 48, 64)]:  # batch, height and width all dynamic
+        x = torch.rand(shape)
+        expected = _logits(models, x)
+        for engine in engines:
+            got = engine(x)
+            assert got.shape == (shape[0], 2, *shape[2:])
+            assert torch.allclose(got, expected, atol=1e-3), (engine.name, (got - expected).abs().max())
+
+
+def test_every_engine_gives_the_same_probabilities_and_masks(checkpoints):
+    vol = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    results = {}
+    for engine in ["torch", "onnxruntime", "openvino"]:
+        p = Predictor.from_checkpoints(checkpoints[0], engine=engine, device="cpu", precision="fp32",
+                                       postprocess="none", threshold=0.5)
+        assert p.engine.name == engine and p.members == 1 and p.precision == "fp32"
+        results[engine] = p.segment(vol)
+    ref = results["torch"]
+    for engine, seg in results.items():
+        assert np.abs(seg.probabilities - ref.probabilities).max() < 1e-4, engine
+        assert np.array_equal(seg.mask, ref.mask), engine
+
+
+def test_tta_and_ensembles_average_the_same_way_on_every_engine(checkpoints):
+    x = torch.rand(3, 3, 32, 32)
+    models = [ck.build_model() for p in checkpoints for ck in load_members(p)]
+    with torch.no_grad():
+        p = torch.stack([0.5 * (torch.sigmoid(m(x)) + torch.sigmoid(m(x.flip(-1))).flip(-1)) for m in models]).mean(0)
+    for engine in ["torch", "onnxruntime", "openvino"]:
+        pred = Predictor.from_checkpoints(checkpoints, engine=engine, device="cpu", precision="fp32", tta=True)
+        assert pred.members == 2
+        assert torch.allclose(pred.predict(x).probabilities, p, atol=1e-4), engine
+
+
+def test_auto_engine_is_measured_once_and_cached(checkpoints, monkeypatch, tmp_path):
+    monkeypatch.setenv("TUMORSEG_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake(candidates, **kw):
+        calls.append(sorted(candidates))
+        for run in candidates.values():
+            run()  # every candidate really runs
+        return {name: (0.001 if name == "openvino" else 0.002) for name in candidates}
+
+    monkeypatch.setattr(runtime, "time_candidates", fake)
+    p = Predictor.from_checkpoints(checkpoints[0], device="cpu", precision="fp32")
+    assert isinstance(p.engine, OpenVinoEngine)
+    again = Predictor.from_checkpoints(checkpoints[0], device="cpu", precision="fp32")
+    assert isinstance(again.engine, OpenVinoEngine)
+    assert calls == [["onnxruntime", "openvino", "torch"]]
+    (entry,) = json.loads((tmp_path / "cache" / "engine.json").read_text()).values()
+    assert entry["choice"] == "openvino"
+
+
+def test_int8_export_calibrates_on_training_patients_only(checkpoints, kaggle, tmp_path):
+    out = tmp_path / "int8.xml"
+    export_model(checkpoints[0], out, int8=True, calibration=kaggle.root, calibration_slices=16, progress=False)
+    info = read_graph_info(out)
+    assert info.precision == "int8" and info.members == 1
+    assert info.calibration["patients"] == ["PAT_A_2001", "PAT_B_2002"]  # not the validation patient
+    assert info.calibration["slices"] == 16
+    p = Predictor.from_checkpoints(out)
+    assert p.engine.name == "openvino" and p.precision == "int8"
+    x = torch.rand(2, 3, 32, 32)
+    fp32 = Predictor.from_checkpoints(checkpoints[0], engine="torch", precision="fp32").predict(x).probabilities
+    assert (p.predict(x).probabilities - fp32).abs().mean() < 0.05  # close, not equal: int8
+
+
+def test_graph_errors_are_clear(checkpoints, tmp_path):
+    onnx_file = tmp_path / "m.onnx"
+    export_model(checkpoints[0], onnx_file)
+    with pytest.raises(ConfigError, match="it runs on onnxruntime or openvino, not torch"):
+        Predictor.from_checkpoints(onnx_file, engine="torch")
+    with pytest.raises(ConfigError, match="pass it alone"):
+        Predictor.from_checkpoints([onnx_file, checkpoints[0]])
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"not a protobuf at all")
+    with pytest.raises(CheckpointError, match=r"fake.onnx: not a readable onnx model"):
+        Predictor.from_checkpoints(fake)
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(onnx_file.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"cut.onnx: not a readable onnx model"):
+        read_graph_info(truncated)
+    xml = tmp_path / "m.xml"
+    export_model(checkpoints[0], xml)
+    xml.with_suffix(".bin").unlink()
+    with pytest.raises(CheckpointError, match=r"m.bin is missing"):
+        read_graph_info(xml)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_graph_info(tmp_path / "none.onnx")
+
+
+def test_a_graph_without_tumorseg_metadata_is_refused(tmp_path):
+    import onnx
+
+    from tumorseg.export import onnx_bytes
+
+    path = tmp_path / "plain.onnx"
+    path.write_bytes(onnx_bytes(UNet(n_features=2, depth=2).eval(), torch.zeros(1, 3, 8, 8)))
+    onnx.checker.check_model(str(path))
+    with pytest.raises(CheckpointError, match="no tumorseg metadata in this graph"):
+        read_graph_info(path)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--out", "{t}/m.onnx", "--int8", "--calibration", "{t}"], "int8 models are written as OpenVINO IR"),
+    (["--out", "{t}/m.xml", "--int8"], "--int8 needs --calibration DATA"),
+    (["--out", "{t}/m.xml", "--calibration", "{t}"], "--calibration is for --int8 exports only"),
+    (["--out", "{t}/m.onnx", "--format", "openvino"], "an openvino model is written to a .xml file"),
+    (["--out", "{t}/m.xml", "--format", "pt"], "names an openvino file; pass --format openvino"),
+])
+def test_export_option_errors(checkpoints, tmp_path, capsys, args, message):
+    code = main(["export", str(checkpoints[0]), *[a.format(t=tmp_path) for a in args]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("m.*"))  # nothing half-written
+
+
+def test_export_cli_writes_a_graph_that_predict_reads(checkpoints, tmp_path, capsys, kaggle):
+    assert main(["export", str(checkpoints[0]), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert f"wrote {tmp_path / 'm.onnx'}" in capsys.readouterr().out
+    out = tmp_path / "pred"
+    assert main(["predict", str(kaggle.root / "PAT_B_2002"), "--checkpoint", str(tmp_path / "m.onnx"),
+                 "--engine", "onnxruntime", "--out", str(out), "--no-progress"]) == 0
+    ref = tmp_path / "ref"
+    assert main(["predict", str(kaggle.root / "PAT_B_2002"), "--checkpoint", str(checkpoints[0]),
+                 "--engine", "torch", "--precision", "fp32", "--out", str(ref), "--no-progress"]) == 0
+    for png in sorted((ref / "PAT_B_2002").glob("*_pred.png")):
+        assert png.read_bytes() == (out / "PAT_B_2002" / png.name).read_bytes()
+
+
+def test_torch_engine_switches_eval_mode_only_while_predicting():
+    model = _trained_like(0).train()
+    engine = TorchEngine([model], torch.device("cpu"), None, channels_last=False)
+    x = torch.rand(2, 3, 16, 16)
+    got = engine(x)
+    assert model.training
+    model.eval()
+    assert torch.allclose(got, _logits([model], x))
