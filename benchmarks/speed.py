@@ -1,6 +1,7 @@
 """Training and inference speed of tumorseg against a re-creation of the original pipeline.
 
     python benchmarks/speed.py [--quick] [--json OUT] [--data DIR] [--patients N]
+                               [--ours-metrics CSV] [--original-metrics CSV]
 
 One run, one machine, the same restored LGG slices, batch size 8 for training. Rows:
 
@@ -12,19 +13,34 @@ baseline            the original pipeline, re-created in original_pipeline.py (i
                     arrays through a DataLoader (num_workers=0), as its `MRIDataset` does.
 tumorseg same-arch  the original architecture (`UNet(n_features=32, depth=4)`) on whole
                     slices through tumorseg's own code path (in-memory uint8 slices, batch
-                    normalisation, augmentation, bce_dice, autocast, channels_last): shows
-                    how much comes from precision/layout/data path alone.
-tumorseg default    what `tumorseg train` / `tumorseg predict` run with their defaults
-                    (`preset("default")`: depth 5, widths 16-32-64-128-128, 160x160 crops,
-                    precision "auto", channels_last). Training throughput counts crops.
+                    normalisation, augmentation, bce_dice, measured precision, channels_last):
+                    shows how much comes from precision/layout/data path alone.
+tumorseg default    training: `preset("default")` (depth 5, widths 16-32-64-128-128, 160x160
+                    crops, channels_last) in fp32 and in bf16; the precision that "auto"
+                    measures and picks is marked. Training throughput counts crops.
+                    inference: the shipped model (default architecture) on whole slices,
+                    through `Predictor` on every installed engine and precision (PyTorch
+                    fp32/bf16, ONNX Runtime fp32, OpenVINO fp32 and the shipped int8
+                    variant), and with `engine="auto"`, what `tumorseg predict` runs.
+
+A bf16 row is timed only when a short probe (the same model, fp32 against bf16) finds bf16
+less than 3x slower than fp32; on CPUs without bf16 hardware it can be 100x slower and the
+row would take minutes. The probe's ratio is reported instead.
 
 Training is timed through `tumorseg.engine.train_one_epoch` itself (epoch of `steps`
-batches); inference through `tumorseg.Predictor.predict` (batch 16) on whole
-slices, normalised from uint8 inside the timed region (the counterpart of the baseline's
-HDF5 reads). Rows are timed round-robin, so a change of background load hits all of them;
+batches); inference through `tumorseg.Predictor.predict` (batch 16) on whole slices,
+normalised from uint8 inside the timed region (the counterpart of the baseline's HDF5
+reads). Rows are timed round-robin, so a change of background load hits all of them;
 every figure is the median over repetitions, after a warm-up of one step and one batch per
-row. Peak memory of a short default training on ALL patients is measured in a child
-process (`ru_maxrss`).
+row. "% of peak" divides the achieved GFLOP/s by the peak matmul GFLOP/s of the fastest
+precision measured in the same run (fp32 or bf16; int8 peak is not measured). The
+shipped default's cost per patient is `Predictor.segment` (normalise, predict,
+post-process) of whole patients. Peak memory of a short default training on ALL patients
+is measured in a child process (`ru_maxrss`).
+
+Time to quality is read from the metrics.csv files of real runs (never re-run here):
+`--ours-metrics` (default: the training history stored in the shipped model) and
+`--original-metrics` (a run of `tumorseg train --preset seed`; without it the line says so).
 
 Data: --data DIR (a kaggle_3m folder or a prepared tumorseg cache); default
 $TUMORSEG_TEST_DATA, else ../shared/data/lgg restored into a temporary folder. Nothing is
@@ -74,7 +90,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor
 from tumorseg.losses import make_loss
 from tumorseg.model import UNet
-from tumorseg.runtime import autocast, cpu_has_native_bf16, resolve_precision
+from tumorseg.runtime import autocast, cpu_has_native_bf16, precision_name, resolve_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKED_LGG = REPO_ROOT.parent / "shared" / "data" / "lgg"
@@ -89,13 +105,13 @@ GIB = 2**30
 class Row:
     """One configuration under test: `train(steps)` times that many training steps of
     BATCH_SIZE images and `infer(images)` the prediction of that many whole slices; both
-    return seconds."""
+    return seconds. A row may time only one of the two (None)."""
 
     name: str
     label: str
-    train: Callable[[int], float]
-    infer: Callable[[int], float]
-    precision: str  # "fp32" or "bf16": the peak it is compared with
+    train: Callable[[int], float] | None
+    infer: Callable[[int], float] | None
+    precision: str  # "fp32", "bf16" or "int8"
     train_size: int  # side of the training inputs (crop or whole slice)
     model: nn.Module
     loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -106,29 +122,25 @@ class Row:
     infer_s: list[float] = field(default_factory=list)
 
 
-def median_rate(images: int, seconds: list[float]) -> float:
-    return images / statistics.median(seconds)
+def median_rate(images: int, seconds: list[float]) -> float | None:
+    return images / statistics.median(seconds) if seconds else None
 
 
 def count_gflop_per_image(row: Row, size: int, train: bool, batch: int = 2) -> float:
     """GFLOP per image counted by FlopCounterMode (convolutions and matmuls; element-wise
     ops, BN and the optimiser are not counted) for a forward (+ loss + backward when
-    `train`) pass on `batch` random images of size x size. Runs on a copy of the model."""
+    `train`) pass on `batch` random images of size x size, in fp32 (the count does not
+    depend on the precision). Runs on a copy of the model."""
     model = copy.deepcopy(row.model)
     model.train(train)
     g = torch.Generator().manual_seed(SEED)
     x = torch.rand(batch, 3, size, size, generator=g)
     y = (torch.rand(batch, 1, size, size, generator=g) > 0.9).float()
-    if row.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    device = torch.device("cpu")
     with FlopCounterMode(display=False) as counter:
         if train:
-            with autocast(device, row.dtype):
-                out = model(x)
-            row.loss_of(out.float(), y).backward()
+            row.loss_of(model(x).float(), y).backward()
         else:
-            with torch.no_grad(), autocast(device, row.dtype):
+            with torch.no_grad():
                 model(x)
     return counter.get_total_flops() / batch / 1e9
 
@@ -145,6 +157,41 @@ def peak_matmul_gflops(dtype: torch.dtype, n: int, reps: int) -> float:
         torch.matmul(a, b, out=out)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def peak_gflops(n: int, reps: int) -> dict[str, Any]:
+    """Peak matmul GFLOP/s in fp32 and bf16. bf16 is first measured at 512: where it is
+    under a third of fp32 there (no bf16 hardware), the large matmul would take minutes and
+    the 512 figure is kept."""
+    fp32 = peak_matmul_gflops(torch.float32, n, reps)
+    small = {dt: peak_matmul_gflops(dt, 512, reps) for dt in (torch.float32, torch.bfloat16)}
+    if small[torch.bfloat16] < small[torch.float32] / 3:
+        return {"fp32": fp32, "bf16": small[torch.bfloat16], "bf16_size": 512, "size": n}
+    return {"fp32": fp32, "bf16": peak_matmul_gflops(torch.bfloat16, n, reps), "bf16_size": n, "size": n}
+
+
+def bf16_probe(model: nn.Module, size: int, train: bool) -> float:
+    """How many times slower bf16 autocast is than fp32 for one short pass of `model` (2
+    images of size x size; forward + backward with `train`), on a copy of the model."""
+    from tumorseg.runtime import time_candidates
+
+    probe = copy.deepcopy(model).train(train).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(SEED))
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def run(dtype: torch.dtype | None) -> Callable[[], None]:
+        def once() -> None:
+            if train:
+                with autocast(torch.device("cpu"), dtype):
+                    out = probe(x).float().mean()
+                out.backward()
+            else:
+                with torch.no_grad(), autocast(torch.device("cpu"), dtype):
+                    probe(x)
+        return once
+
+    t = time_candidates({"fp32": run(None), "bf16": run(torch.bfloat16)}, repeats=2)
+    return t["bf16"] / t["fp32"]
 
 
 def cpu_model() -> str:
@@ -206,11 +253,12 @@ def baseline_row(h5_path: Path) -> Row:
                lambda p, g: original_dice_loss(p, g), None, False, info)
 
 
-def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays) -> Row:
-    """A row timed through the package's own training and prediction functions."""
+def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays, *, infer: bool = True) -> Row:
+    """A row timed through the package's own training (and, with `infer`, prediction) functions."""
     device = torch.device("cpu")
-    dtype = resolve_precision(cfg.precision, device)
     model, optimizer, _, loss_fn = build_training(cfg, device)
+    dtype = resolve_precision(cfg.precision, device, model, train=True, sample=(2, 3, cfg.crop or 128, cfg.crop or 128),
+                              channels_last=cfg.channels_last)
     epochs = itertools.count()
     order = torch.randperm(len(arrays), generator=torch.Generator().manual_seed(SEED))
 
@@ -222,8 +270,8 @@ def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays) -
                         EpochProgress(epoch=next(epochs)), show_progress=False)
         return time.perf_counter() - t0
 
-    def infer(n: int) -> float:
-        # The Predictor of `tumorseg predict`/`evaluate`: BatchNorm folded into the convolutions.
+    def predict(n: int) -> float:
+        # The Predictor of `tumorseg predict`/`evaluate` on PyTorch: BatchNorm folded.
         predictor = Predictor([model.eval()], channels=cfg.channels, device=device, precision=cfg.precision,
                               batch_size=INFER_BATCH_TUMORSEG, channels_last=cfg.channels_last)
         t0 = time.perf_counter()
@@ -231,13 +279,65 @@ def tumorseg_row(name: str, label: str, cfg: TrainConfig, arrays: SliceArrays) -
         predictor.predict(images)
         return time.perf_counter() - t0
 
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    precision = precision_name(dtype)
     label = label.format(prec=precision, layout="CL" if cfg.channels_last else "NCHW")
     info = {"config": {k: cfg.to_dict()[k] for k in ("features", "n_features", "depth", "crop", "loss", "augment",
                                                       "tumour_fraction", "precision", "channels_last")},
             "autocast_dtype": str(dtype).replace("torch.", "") if dtype else None}
-    return Row(name, label, train, infer, precision, cfg.crop or 256, model, lambda p, g: loss_fn(p, g), dtype,
-               cfg.channels_last, info)
+    return Row(name, label, train, predict if infer else None, precision, cfg.crop or 256, model,
+               lambda p, g: loss_fn(p, g), dtype, cfg.channels_last, info)
+
+
+def engine_row(name: str, label: str, predictor: Predictor, model: nn.Module, arrays: SliceArrays) -> Row:
+    """Inference only: a ready Predictor (any engine) on whole slices."""
+    order = torch.randperm(len(arrays), generator=torch.Generator().manual_seed(SEED))
+
+    def predict(n: int) -> float:
+        t0 = time.perf_counter()
+        images, _ = arrays.batch(order[:n])
+        predictor.predict(images)
+        return time.perf_counter() - t0
+
+    info = {"engine": predictor.engine.name, "precision": predictor.precision, "source": predictor.source}
+    return Row(name, label.format(engine=predictor.engine.name, prec=predictor.precision), None, predict,
+               predictor.precision, 256, model, lambda p, g: p.mean(), None, True, info)
+
+
+def per_patient_seconds(predictor: Predictor, cache: Cache, patients: list[str]) -> dict[str, float]:
+    """Seconds of `Predictor.segment` (normalise, predict, post-process) per whole patient,
+    after one warm-up patient."""
+    import numpy as np
+
+    predictor.segment(np.asarray(cache.images(patients[0])))
+    seconds, slices = [], []
+    for p in patients:
+        volume = np.asarray(cache.images(p))
+        t0 = time.perf_counter()
+        predictor.segment(volume)
+        seconds.append(time.perf_counter() - t0)
+        slices.append(len(volume))
+    return {"seconds_per_patient": statistics.mean(seconds), "slices_per_patient": statistics.mean(slices),
+            "seconds_per_slice": sum(seconds) / sum(slices), "patients": len(patients)}
+
+
+def time_to_quality(path: Path | None, history: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """Hours of training until the epoch with the best validation Dice mean, from a
+    metrics.csv (or a checkpoint's history): the sum of the epochs' `seconds`."""
+    import csv
+
+    if path is not None:
+        with open(path, newline="") as f:
+            history = list(csv.DictReader(f))
+    if not history:
+        return None
+    rows = [(int(h["epoch"]), float(h["val_dice_mean"]), float(h["seconds"])) for h in history
+            if str(h.get("val_dice_mean", "")) not in ("", "nan", "None")]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r[1])
+    hours = sum(r[2] for r in rows if r[0] <= best[0]) / 3600
+    return {"source": str(path) if path else "the shipped model's stored history", "best_epoch": best[0],
+            "best_val_dice_mean": best[1], "hours_to_best": hours, "epochs": len(rows)}
 
 
 # ============================================================ peak memory (child process)
@@ -251,9 +351,10 @@ def memory_child(kind: str, data: Path, steps: int, h5_path: Path | None) -> dic
     if kind == "tumorseg":
         cfg = replace_config(preset("default"), {"samples_per_epoch": steps * BATCH_SIZE})
         device = torch.device("cpu")
-        dtype = resolve_precision(cfg.precision, device)
         torch.manual_seed(cfg.seed)
         model = UNet.from_config(cfg.model_config()).to(memory_format=torch.channels_last)
+        dtype = resolve_precision(cfg.precision, device, model, train=True, sample=(2, 3, cfg.crop, cfg.crop),
+                                  channels_last=True)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         cache = open_cache(data)
         try:  # as `fit`: the training and the validation patients of fold 0, both in memory
@@ -325,22 +426,36 @@ def open_benchmark_data(arg: str | None, tmp: Path, restore_limit: int) -> tuple
 
 
 def table(rows: list[Row], result: dict[str, Any]) -> str:
-    base = rows[0]
-    head = (f"{'row':<52} {'train img/s':>11} {'x base':>7} {'infer img/s':>11} {'x base':>7} "
-            f"{'train GFLOP/img':>15} {'infer GFLOP/img':>15} {'train %peak':>11} {'infer %peak':>11}")
+    base = result["rows"]["baseline"]
+
+    def cell(value: float | None, fmt: str, width: int) -> str:
+        return f"{value:>{width}{fmt}}" if value is not None else f"{'-':>{width}}"
+
+    head = (f"{'row':<58} {'train img/s':>11} {'x base':>7} {'x/pixel':>7} {'infer img/s':>11} {'x base':>7} "
+            f"{'train GFLOP/img':>15} {'train %peak':>11} {'infer %peak':>11}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        t, i = result["rows"][r.name], result["rows"][base.name]
+        t = result["rows"][r.name]
+        tr, inf = t["train_img_s"], t["infer_img_s"]
         lines.append(
-            f"{r.label:<52} {t['train_img_s']:>11.2f} {t['train_img_s'] / i['train_img_s']:>7.2f} "
-            f"{t['infer_img_s']:>11.2f} {t['infer_img_s'] / i['infer_img_s']:>7.2f} "
-            f"{t['train_step_gflop_per_img']:>9.2f} @{r.train_size:<4} {t['infer_gflop_per_img']:>9.2f} @256 "
-            f"{100 * t['train_fraction_of_peak']:>10.1f}% {100 * t['infer_fraction_of_peak']:>10.1f}%"
+            f"{r.label:<58} {cell(tr, '.2f', 11)} "
+            f"{cell(tr / base['train_img_s'] if tr else None, '.2f', 7)} "
+            f"{cell(t['train_per_pixel_ratio'], '.2f', 7)} {cell(inf, '.2f', 11)} "
+            f"{cell(inf / base['infer_img_s'] if inf else None, '.2f', 7)} "
+            f"{cell(t['train_step_gflop_per_img'], '.2f', 9)} @{r.train_size:<4} "
+            f"{cell(100 * t['train_fraction_of_peak'] if tr else None, '.1f', 10)}% "
+            f"{cell(100 * t['infer_fraction_of_peak'] if inf else None, '.1f', 10)}%"
         )
+    for note in result["skipped"]:
+        lines.append(f"  not timed: {note}")
     return "\n".join(lines)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from tumorseg.checkpoint import load_checkpoint
+    from tumorseg.engines import engine_installed
+    from tumorseg.inference import default_checkpoint_path, default_int8_path
+
     started = time.perf_counter()
     torch.manual_seed(SEED)
     reps = args.reps or (3 if args.quick else 5)
@@ -376,32 +491,68 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         default = preset("default")
         same_arch = replace_config(default, {"features": None, "n_features": 32, "depth": 4, "crop": 0})
+        shipped = load_checkpoint(default_checkpoint_path()).build_model()
+        skipped: list[str] = []
+        log("bf16 probes ...")
+        probes = {"train": bf16_probe(UNet.from_config(default.model_config()), default.crop, train=True),
+                  "infer": bf16_probe(shipped, 256, train=False)}
+        auto_train = tumorseg_row("tumorseg_auto", "", default, arrays, infer=False).precision
         rows = [
             baseline_row(h5_path),
             tumorseg_row("tumorseg_same_arch", "tumorseg same-arch (32x4 flat, {prec} {layout}, 256)",
                          same_arch, arrays),
-            tumorseg_row("tumorseg", f"tumorseg default ({'-'.join(map(str, default.features or ()))}, "
-                         f"{{prec}} {{layout}}, crop {default.crop or 256})", default, arrays),
         ]
+        crop = f"crop {default.crop}"
+        for prec in ("fp32", "bf16"):
+            if prec == "bf16" and probes["train"] >= 3:
+                skipped.append(f"default training in bf16: {probes['train']:.0f}x slower than fp32 in the probe")
+                continue
+            mark = " = auto" if prec == auto_train else ""
+            rows.append(tumorseg_row(f"tumorseg_train_{prec}", f"tumorseg default train ({{prec}} {{layout}}, "
+                                     f"{crop}){mark}", replace_config(default, {"precision": prec}), arrays,
+                                     infer=False))
+        engines = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
+        for engine, prec in engines:
+            if not engine_installed(engine):
+                skipped.append(f"inference on {engine}: not installed")
+                continue
+            if prec == "bf16" and probes["infer"] >= 3:
+                skipped.append(f"inference in bf16 on torch: {probes['infer']:.0f}x slower than fp32 in the probe")
+                continue
+            p = Predictor.from_checkpoints(None, engine=engine, precision=prec, device="cpu")
+            rows.append(engine_row(f"shipped_{engine}_{prec}", "shipped model on {engine} ({prec})", p, shipped,
+                                   arrays))
+        if default_int8_path().is_file() and engine_installed("openvino"):
+            p = Predictor.from_checkpoints(default_int8_path())
+            rows.append(engine_row("shipped_openvino_int8", "shipped model on {engine} ({prec})", p, shipped, arrays))
+        auto = Predictor.from_checkpoints(None, device="cpu")
+        rows.append(engine_row("tumorseg", "shipped model, engine auto: {engine} ({prec})", auto, shipped, arrays))
 
         log("peak matmul ...")
-        peak = {"fp32": peak_matmul_gflops(torch.float32, args.matmul_size, matmul_reps),
-                "bf16": peak_matmul_gflops(torch.bfloat16, args.matmul_size, matmul_reps)}
+        peak = peak_gflops(args.matmul_size, matmul_reps)
+        fastest = max(peak["fp32"], peak["bf16"])
 
         log("counting FLOPs ...")
-        flops = {r.name: {"train": count_gflop_per_image(r, r.train_size, train=True),
-                          "infer": count_gflop_per_image(r, 256, train=False)} for r in rows}
+        flops = {r.name: {"train": count_gflop_per_image(r, r.train_size, train=True) if r.train else None,
+                          "infer": count_gflop_per_image(r, 256, train=False) if r.infer else None} for r in rows}
 
         log("warm-up ...")
         for r in rows:
-            r.train(1)
-            r.infer(INFER_BATCH_TUMORSEG)
+            if r.train:
+                r.train(1)
+            if r.infer:
+                r.infer(INFER_BATCH_TUMORSEG)
         # Round-robin: repetition k of every row runs before repetition k+1 of any row.
         for k in range(reps):
             log(f"repetition {k + 1}/{reps}")
             for r in rows:
-                r.train_s.append(r.train(steps))
-                r.infer_s.append(r.infer(infer_images))
+                if r.train:
+                    r.train_s.append(r.train(steps))
+                if r.infer:
+                    r.infer_s.append(r.infer(infer_images))
+
+        log("seconds per patient of the shipped default ...")
+        cost = per_patient_seconds(auto, cache, patients)
 
     result_rows: dict[str, Any] = {}
     for r in rows:
@@ -411,30 +562,46 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result_rows[r.name] = {
             "label": r.label, "precision": r.precision, "channels_last": r.channels_last,
             "train_input_size": r.train_size, "train_img_s": train_img_s,
-            "train_megapixel_s": train_img_s * r.train_size**2 / 1e6, "infer_img_s": infer_img_s,
+            "train_megapixel_s": train_img_s * r.train_size**2 / 1e6 if train_img_s else None,
+            "infer_img_s": infer_img_s,
             "train_step_gflop_per_img": f["train"], "infer_gflop_per_img": f["infer"],
-            "train_fraction_of_peak": train_img_s * f["train"] / peak[r.precision],
-            "infer_fraction_of_peak": infer_img_s * f["infer"] / peak[r.precision],
+            "train_fraction_of_peak": train_img_s * f["train"] / fastest if train_img_s else None,
+            "infer_fraction_of_peak": infer_img_s * f["infer"] / fastest if infer_img_s else None,
             "train_seconds": r.train_s, "infer_seconds": r.infer_s, **r.info,
         }
-    b, s, d = (result_rows[n] for n in ("baseline", "tumorseg_same_arch", "tumorseg"))
-
-    def section(kind: str) -> dict[str, float]:
-        key = f"{kind}_img_s"
-        return {"baseline_img_s": b[key], "tumorseg_img_s": d[key], "ratio": d[key] / b[key],
-                "same_arch_img_s": s[key], "same_arch_ratio": s[key] / b[key]}
-
+    b = result_rows["baseline"]
+    for v in result_rows.values():
+        v["train_per_pixel_ratio"] = (v["train_megapixel_s"] / b["train_megapixel_s"]
+                                      if v["train_megapixel_s"] else None)
+    s, d, a = result_rows["tumorseg_same_arch"], result_rows[f"tumorseg_train_{auto_train}"], result_rows["tumorseg"]
+    ours = time_to_quality(args.ours_metrics, None if args.ours_metrics else
+                           load_checkpoint(default_checkpoint_path()).history)
+    original = time_to_quality(args.original_metrics) if args.original_metrics else None
     tumorseg_mem = memory.get("tumorseg") or {}
     result = {
-        "train": {**section("train"), "input_size": {n: v["train_input_size"] for n, v in result_rows.items()}},
-        "infer": {**section("infer"), "input_size": 256, "tumorseg_batch_size": INFER_BATCH_TUMORSEG,
-                  "baseline_batch_size": BATCH_SIZE},
+        "train": {"baseline_img_s": b["train_img_s"], "tumorseg_img_s": d["train_img_s"],
+                  "ratio": d["train_img_s"] / b["train_img_s"], "per_pixel_ratio": d["train_per_pixel_ratio"],
+                  "auto_precision": auto_train, "same_arch_img_s": s["train_img_s"],
+                  "same_arch_ratio": s["train_img_s"] / b["train_img_s"],
+                  "input_size": {n: v["train_input_size"] for n, v in result_rows.items() if v["train_img_s"]}},
+        "infer": {"baseline_img_s": b["infer_img_s"], "tumorseg_img_s": a["infer_img_s"],
+                  "ratio": a["infer_img_s"] / b["infer_img_s"], "auto_engine": a["engine"],
+                  "auto_precision": a["precision"], "same_arch_img_s": s["infer_img_s"],
+                  "same_arch_ratio": s["infer_img_s"] / b["infer_img_s"], "input_size": 256,
+                  "tumorseg_batch_size": INFER_BATCH_TUMORSEG, "baseline_batch_size": BATCH_SIZE,
+                  "by_row": {n: v["infer_img_s"] / b["infer_img_s"] for n, v in result_rows.items()
+                             if v["infer_img_s"]}},
+        "shipped_default_cost": {**cost, "engine": a["engine"], "precision": a["precision"]},
+        "time_to_quality": {"ours": ours, "original": original},
+        "bf16_probe_slowdown": probes,
+        "skipped": skipped,
         "train_step_gflop_per_img": {n: v["train_step_gflop_per_img"] for n, v in result_rows.items()},
         "infer_gflop_per_img": {n: v["infer_gflop_per_img"] for n, v in result_rows.items()},
         "flop_note": "FlopCounterMode on a batch of 2, per image; train = forward + loss + backward at each "
                      "row's training input size (train.input_size), infer = forward at 256x256",
-        "peak_matmul_gflops": {**peak, "size": args.matmul_size},
+        "peak_matmul_gflops": {**peak, "fastest": fastest},
         "fraction_of_peak": {
+            "of": "the peak matmul GFLOP/s of the fastest precision (peak_matmul_gflops.fastest)",
             "train": {n: v["train_fraction_of_peak"] for n, v in result_rows.items()},
             "infer": {n: v["infer_fraction_of_peak"] for n, v in result_rows.items()},
         },
@@ -449,7 +616,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": {
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
+            "torch_threads": torch.get_num_threads(), "native_bf16_flag": cpu_has_native_bf16(),
             "python": platform.python_version(), "platform": platform.platform(),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "busy_at_start": busy,
         },
@@ -457,8 +624,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(table(rows, result))
     m = result["machine"]
-    print(f"\npeak matmul {args.matmul_size}^2: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s; "
-          f"{m['cpu']}, {m['torch_threads']} threads, native bf16: {m['native_bf16']}, torch {m['torch']}")
+    print(f"\npeak matmul: fp32 {peak['fp32']:.1f} GFLOP/s ({peak['size']}^2), bf16 {peak['bf16']:.1f} GFLOP/s "
+          f"({peak['bf16_size']}^2); % of peak is of {fastest:.1f}; {m['cpu']}, {m['torch_threads']} threads, "
+          f"torch {m['torch']}")
+    print(f"bf16 probe: training {probes['train']:.2f}x, inference {probes['infer']:.2f}x the time of fp32; "
+          f"auto picks {auto_train} for training, {a['engine']} {a['precision']} for inference")
+    print(f"inference, engine auto: {result['infer']['ratio']:.2f}x the original; training ({auto_train}): "
+          f"{result['train']['ratio']:.2f}x per image, {result['train']['per_pixel_ratio']:.2f}x per pixel")
+    print(f"shipped default ({a['engine']}, {a['precision']}): {cost['seconds_per_patient']:.2f} s per patient "
+          f"({cost['slices_per_patient']:.0f} slices on average, {cost['patients']} patients; "
+          f"{1000 * cost['seconds_per_slice']:.0f} ms per slice)")
+    for who, q in (("tumorseg default recipe", ours), ("original recipe", original)):
+        if q:
+            print(f"time to quality, {who}: {q['hours_to_best']:.2f} h to its best validation Dice mean "
+                  f"{q['best_val_dice_mean']:.3f} (epoch {q['best_epoch']} of {q['epochs']}; {q['source']})")
+        else:
+            print(f"time to quality, {who}: no metrics.csv given (--original-metrics FILE)")
     print(f"train: {steps} steps x batch {BATCH_SIZE} per rep; infer: {infer_images} whole slices per rep; "
           f"{reps} reps; {len(patients)} patients, {len(arrays)} slices; load average "
           f"{load_before[0]:.1f} -> {m['loadavg_after'][0]:.1f}")
@@ -489,6 +670,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--matmul-size", type=int, default=2048, help="side of the peak matmul (default 2048)")
     ap.add_argument("--memory-steps", type=int, default=10, help="training steps of the peak-memory run")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child process")
+    ap.add_argument("--ours-metrics", type=Path, metavar="CSV",
+                    help="metrics.csv of a default-recipe run for the time-to-quality line (default: the history "
+                         "stored in the shipped model)")
+    ap.add_argument("--original-metrics", type=Path, metavar="CSV",
+                    help="metrics.csv of a `tumorseg train --preset seed` run for the time-to-quality line")
     ap.add_argument("--_memory-child", dest="memory_child", choices=["tumorseg", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--_h5", dest="h5", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

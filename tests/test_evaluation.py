@@ -92,7 +92,7 @@ def test_everything_tumour(kaggle, cache, tmp_path):
     report = run(cache, out, make_predictor(Constant(10.0), source="all-tumour"))
 
     assert {k: v for k, v in report.items() if k not in ("summary", "patients")} == {
-        "checkpoint": "all-tumour", "checkpoint_kind": "tumorseg", "models": 1, "threshold": 0.5,
+        "checkpoint": "all-tumour", "checkpoint_kind": "tumorseg", "models": 1, "engine": "torch", "threshold": 0.5,
         "postprocess": "none", "tta": False, "precision": "fp32", "channels": list(CHANNELS),
         "empty_mask_rule": EMPTY_MASK_RULE,
     }

@@ -52,7 +52,7 @@ def _need(package: str, purpose: str) -> None:
 
     if importlib.util.find_spec(package) is None:
         raise ConfigError(f"{purpose} needs the {package} package: pip install {package} "
-                          "(or pip install 'tumorseg[export]')")
+                          "(or pip install 'tumorseg[onnx,int8]')")
 
 
 def format_of(path: str | Path) -> str:
@@ -268,7 +268,7 @@ def calibration_batches(data: str | Path, checkpoints: list[Checkpoint], slices:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(arrays), generator=g)[:slices]
     out = [arrays.batch(idx[i:i + batch])[0].numpy() for i in range(0, len(idx), batch)]
-    info = {"patients": patients, "slices": int(len(idx)), "seed": seed, "data": str(data)}
+    info = {"patients": patients, "slices": int(len(idx)), "seed": seed, "data": Path(data).name}
     return out, info
 
 
