@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{ck_path} records no validation patients; parity needs patients it never saw")
     patients = list(ck.split["val"])[: args.patients or None]
     int8 = args.int8 or (default_int8_path() if args.checkpoint is None and default_int8_path().is_file() else None)
+    if int8 is not None:
+        from tumorseg.export import read_graph_info
+
+        calibrated = set((read_graph_info(int8).calibration or {}).get("patients", []))
+        if calibrated & set(patients) or not calibrated:
+            raise SystemExit(f"{int8} was calibrated on some of the validation patients of {ck_path.name} (or "
+                             "records no calibration patients); parity needs patients it never saw")
     cache = open_data(args.data, progress=False)
 
     predictors = {}

@@ -471,14 +471,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="tumorseg-speed-") as tmp_name:
         tmp = Path(tmp_name)
+        # The "auto" rows measure their choices in this run, not read them from the user's cache.
+        os.environ["TUMORSEG_CACHE_DIR"] = str(tmp / "measured")
         cache, data_desc = open_benchmark_data(args.data, tmp, args.patients)
 
         # First, while this process is still small: a child's ru_maxrss can inherit the
         # high-water mark of the process it was forked from.
         memory: dict[str, Any] = {}
+        memory_steps = args.memory_steps or (3 if args.quick else 10)
         if not args.no_memory:
-            log(f"peak memory: {args.memory_steps} default training steps on all {len(cache)} patients ...")
-            memory["tumorseg"] = measure_memory("tumorseg", cache, args.memory_steps)
+            log(f"peak memory: {memory_steps} default training steps on all {len(cache)} patients ...")
+            memory["tumorseg"] = measure_memory("tumorseg", cache, memory_steps)
 
         patients = cache.patients[: args.patients]
         arrays = load_arrays(cache, patients)
@@ -487,7 +490,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         write_hdf5(arrays, h5_path)
         if not args.no_memory and not args.quick:
             log("peak memory of the baseline ...")
-            memory["baseline"] = measure_memory("baseline", cache, max(2, args.memory_steps // 2), h5_path)
+            memory["baseline"] = measure_memory("baseline", cache, max(2, memory_steps // 2), h5_path)
 
         default = preset("default")
         same_arch = replace_config(default, {"features": None, "n_features": 32, "depth": 4, "crop": 0})
@@ -552,7 +555,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     r.infer_s.append(r.infer(infer_images))
 
         log("seconds per patient of the shipped default ...")
-        cost = per_patient_seconds(auto, cache, patients)
+        cost = per_patient_seconds(auto, cache, patients[:3] if args.quick else patients)
 
     result_rows: dict[str, Any] = {}
     for r in rows:
@@ -670,7 +673,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--infer-images", type=int, help="slices predicted per repetition, rounded up to a multiple of 8 "
                                                         "(default 64, --quick 16)")
     ap.add_argument("--matmul-size", type=int, default=2048, help="side of the peak matmul (default 2048)")
-    ap.add_argument("--memory-steps", type=int, default=10, help="training steps of the peak-memory run")
+    ap.add_argument("--memory-steps", type=int, default=None,
+                    help="training steps of the peak-memory run (default 10, --quick 3)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child process")
     ap.add_argument("--ours-metrics", type=Path, metavar="CSV",
                     help="metrics.csv of a default-recipe run for the time-to-quality line (default: the history "
@@ -681,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--_h5", dest="h5", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, Path(args.data), args.memory_steps, args.h5)))
+        print(json.dumps(memory_child(args.memory_child, Path(args.data), args.memory_steps or 10, args.h5)))
         return
     for name in ("patients", "reps", "steps", "infer_images", "matmul_size", "memory_steps"):
         value = getattr(args, name)

@@ -259,3 +259,26 @@ def test_a_failed_new_run_removes_only_what_it_made(cache, tmp_path):
     with pytest.raises(TumorsegError, match="crop 64"):
         fit(tiny_config(crop=64), cache, mine, split_file=mine / "splits.json", show_progress=False)
     assert sorted(p.name for p in mine.iterdir()) == ["splits.json"]
+
+
+def test_auto_precision_is_recorded_and_kept_on_resume(cache, tmp_path, monkeypatch):
+    import tumorseg.runtime as runtime
+
+    monkeypatch.setenv("TUMORSEG_CACHE_DIR", str(tmp_path / "measured"))
+    calls = []
+
+    def bf16_wins(candidates, **kw):
+        calls.append(sorted(candidates))
+        return {name: (0.001 if name == "bf16" else 0.01) for name in candidates}
+
+    monkeypatch.setattr(runtime, "time_candidates", bf16_wins)
+    run = tmp_path / "run"
+    part = fit(tiny_config(precision="auto", epochs=2), cache, run, show_progress=False, stop_after_steps=2)
+    assert part.interrupted and calls == [["bf16", "fp32"]]
+    assert load_checkpoint(run / "last.pt").training.precision == "bf16"
+    # The cache is gone and fp32 would now win: the resumed run still trains in bf16.
+    monkeypatch.setenv("TUMORSEG_CACHE_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(runtime, "time_candidates", lambda *a, **k: pytest.fail("a resumed run re-measured"))
+    done = fit(tiny_config(precision="auto", epochs=2), cache, run, resume=True, show_progress=False)
+    assert done.epochs_done == 2
+    assert load_checkpoint(run / "last.pt").training.precision == "bf16"

@@ -55,11 +55,10 @@ def _logits(models, x):
 
 @pytest.mark.parametrize("suffix", [".onnx", ".xml"])
 def test_exported_ensemble_matches_pytorch_with_dynamic_sizes(checkpoints, tmp_path, suffix):
-    out = tmp_path / f"ens{suffix}"
-    ensemble = tmp_path / "ens.pt"
-    save_checkpoint(ensemble, Checkpoint.of_model(_trained_like(0)))  # replaced below by a real ensemble
     from tumorseg.checkpoint import export_ensemble
 
+    out = tmp_path / "new" / f"ens{suffix}"  # into a folder that does not exist yet
+    ensemble = tmp_path / "ens.pt"
     export_ensemble(checkpoints, ensemble)
     written = export_model(ensemble, out)
     assert written == ([out] if suffix == ".onnx" else [out, out.with_suffix(".bin")])
@@ -67,8 +66,10 @@ def test_exported_ensemble_matches_pytorch_with_dynamic_sizes(checkpoints, tmp_p
     assert info.members == 2 and info.precision == "fp32" and info.inference == InferenceConfig(0.4, "lcc")
     assert info.channels == ("pre-contrast", "FLAIR", "post-contrast") and info.percentiles == (10.0, 99.0)
     models = [ck.build_model() for ck in load_members(ensemble)]  # the float16-stored weights
-    engines = [OpenVinoEngine(out, 2)] + ([OnnxRuntimeEngine(out, 2)] if suffix == ".onnx" else [])
-    for shape in [(1, 3, 32, 32), (5, 3, 48, 64)]:  # batch, height and width all dynamic
+    engines = [OpenVinoEngine(out, 2, divisor=4)] + ([OnnxRuntimeEngine(out, 2, divisor=4)] if suffix == ".onnx"
+                                                      else [])
+    # Batch, height and width all dynamic; sizes that are no multiple of the divisor (4) are padded.
+    for shape in [(1, 3, 32, 32), (5, 3, 48, 64), (2, 3, 30, 35)]:
         x = torch.rand(shape)
         expected = _logits(models, x)
         for engine in engines:
@@ -77,8 +78,9 @@ def test_exported_ensemble_matches_pytorch_with_dynamic_sizes(checkpoints, tmp_p
             assert torch.allclose(got, expected, atol=1e-3), (engine.name, (got - expected).abs().max())
 
 
-def test_every_engine_gives_the_same_probabilities_and_masks(checkpoints):
-    vol = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+@pytest.mark.parametrize("size", [(32, 32), (30, 35)])
+def test_every_engine_gives_the_same_probabilities_and_masks(checkpoints, size):
+    vol = np.random.default_rng(0).integers(0, 255, (6, *size, 3), dtype=np.uint8)
     results = {}
     for engine in ["torch", "onnxruntime", "openvino"]:
         p = Predictor.from_checkpoints(checkpoints[0], engine=engine, device="cpu", precision="fp32",
@@ -207,3 +209,26 @@ def test_torch_engine_switches_eval_mode_only_while_predicting():
     assert model.training
     model.eval()
     assert torch.allclose(got, _logits([model], x))
+
+
+def test_precision_asked_for_is_honoured(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "time_candidates", lambda *a, **k: pytest.fail("nothing to choose between"))
+    p = Predictor.from_checkpoints(checkpoints[0], precision="bf16", device="cpu")
+    assert p.engine.name == "torch" and p.precision == "bf16"  # bf16 is PyTorch's: no other engine is timed
+    with pytest.raises(ConfigError, match="bf16 is PyTorch's"):
+        Predictor.from_checkpoints(checkpoints[0], precision="bf16", engine="openvino")
+    with pytest.raises(ConfigError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
+        Predictor.from_checkpoints(checkpoints[0], precision="fp16", engine="openvino")
+    xml = tmp_path / "m.xml"
+    export_model(checkpoints[0], xml)
+    with pytest.raises(ConfigError, match="is an fp32 model; drop --precision bf16"):
+        Predictor.from_checkpoints(xml, precision="bf16")
+    assert Predictor.from_checkpoints(xml, precision="fp32").precision == "fp32"
+
+
+def test_an_ensemble_file_keeps_its_members_training_patients_for_calibration(checkpoints, tmp_path):
+    from tumorseg.checkpoint import export_ensemble
+
+    export_ensemble(checkpoints, tmp_path / "ens.pt")
+    members = load_members(tmp_path / "ens.pt")
+    assert all(m.split == {"train": ["PAT_A_2001", "PAT_B_2002"]} for m in members)

@@ -111,10 +111,11 @@ def test_time_candidates_gives_up_on_a_much_slower_candidate():
 
     def fast():
         runs["fast"] += 1
+        time.sleep(0.001)
 
     def slow():
         runs["slow"] += 1
-        time.sleep(0.02)
+        time.sleep(0.05)
 
     timings = runtime.time_candidates({"fast": fast, "slow": slow}, repeats=3)
     assert runs == {"fast": 4, "slow": 1} and timings["slow"] > timings["fast"]
@@ -124,11 +125,31 @@ def test_measured_choice_reads_only_known_choices(monkeypatch, tmp_path):
     monkeypatch.setenv("TUMORSEG_CACHE_DIR", str(tmp_path))
     (tmp_path / "engine.json").write_text(json.dumps({json.dumps({"k": 1}): {"choice": "gone"}}))
     assert runtime.cached_choice("engine", {"k": 1}, ["a", "b"]) is None
-    (tmp_path / "engine.json").write_text("not json")
-    assert runtime.measured_choice("engine", {"k": 1}, {"a": lambda: None}) == "a"  # one candidate: no timing
+    fake, calls = _timings("b")
+    monkeypatch.setattr(runtime, "time_candidates", fake)
+    (tmp_path / "engine.json").write_text("not json")  # a damaged cache is measured around and rewritten
+    assert runtime.measured_choice("engine", {"k": 1}, {"a": lambda: None, "b": lambda: None}) == "b"
+    assert calls == [["a", "b"]]
+    assert runtime.cached_choice("engine", {"k": 1}, ["a", "b"]) == "b"
+    assert runtime.measured_choice("engine", {"k": 2}, {"a": lambda: None}) == "a"  # one candidate: no timing
+    assert len(calls) == 1
 
 
-@pytest.mark.parametrize("name", ["fp16", "BF16", ""])
+def test_the_default_stays_unless_another_is_clearly_faster(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUMORSEG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "time_candidates", lambda c, **k: {"fp32": 1.0, "bf16": 0.97})
+    assert runtime.measured_choice("precision-x", {"k": 1}, {"fp32": lambda: None, "bf16": lambda: None}) == "fp32"
+    monkeypatch.setattr(runtime, "time_candidates", lambda c, **k: {"fp32": 1.0, "bf16": 0.9})
+    assert runtime.measured_choice("precision-x", {"k": 2}, {"fp32": lambda: None, "bf16": lambda: None}) == "bf16"
+
+
+def test_fp16_is_not_timed_for_training_and_resolves_by_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert list(runtime.precision_candidates(torch.device("cuda"), train=True)) == ["fp32"]
+    assert resolve_precision("fp16", CPU) is torch.float16  # the name precision_name gives back
+
+
+@pytest.mark.parametrize("name", ["fp8", "BF16", ""])
 def test_resolve_precision_unknown(name):
     with pytest.raises(ConfigError) as e:
         resolve_precision(name, CPU)

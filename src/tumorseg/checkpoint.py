@@ -54,6 +54,7 @@ class TrainingState:
     progress: dict[str, Any]  # engine.EpochProgress as a dict
     data_path: str | None = None
     sampler: str = ""  # data.sampling.SAMPLER of the run ("" before format 2)
+    precision: str = ""  # the precision the run trains in ("auto" resolved; "" in older files)
 
 
 @dataclass
@@ -311,8 +312,11 @@ def export_ensemble(sources: list[str | Path], dst: str | Path, *, inference: In
         if (ck.model_config, ck.channels, ck.percentiles) != (first.model_config, first.channels, first.percentiles):
             raise CheckpointError(f"{ck.path} differs from {first.path} in architecture, channels or "
                                   "normalisation; an ensemble needs one of each")
+    # The union of the members' training patients: what int8 calibration may draw from.
+    trained = sorted({p for ck in checkpoints for p in ((ck.split or {}).get("train") or [])})
     payload = dataclasses.replace(first.released(), inference=inference or first.inference, notes=notes,
-                                  metrics=metrics or {}, history=[], split=None).to_payload()
+                                  metrics=metrics or {}, history=[],
+                                  split={"train": trained} if trained else None).to_payload()
     del payload["state_dict"]
     payload["members"] = [_float16(ck.state_dict, ck.path) for ck in checkpoints]
     payload["sources"] = [ck.path for ck in checkpoints]

@@ -277,9 +277,14 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
 
     dev = select_device(device)
     model, optimizer, scheduler, loss_fn = build_training(cfg, dev)
-    side = cfg.crop or 128
-    dtype = resolve_precision(cfg.precision, dev, model, train=True, sample=(2, len(cfg.channels), side, side),
-                              channels_last=cfg.channels_last)
+    recorded = state.training.precision if state is not None and state.training is not None else ""
+    if cfg.precision == "auto" and recorded:  # a resumed run keeps the precision it started in
+        dtype = resolve_precision(recorded, dev)
+    else:
+        side = cfg.crop or 256
+        dtype = resolve_precision(cfg.precision, dev, model, train=True,
+                                  sample=(cfg.batch_size, len(cfg.channels), side, side),
+                                  channels_last=cfg.channels_last)
     what = f"fold {cfg.fold} of {cfg.folds}" if cfg.fold >= 0 else "every non-test patient"
     log.info(f"training {what} into {run_dir} ({'resuming' if resume else 'new run'}) on {dev}, "
              f"{precision_name(dtype)}")
@@ -314,7 +319,7 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
             split={"fold": cfg.fold, "train": train_patients, "val": val_patients},
             training=TrainingState(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                    rng={"torch": torch.get_rng_state()}, progress=asdict(progress),
-                                   data_path=data_path, sampler=SAMPLER),
+                                   data_path=data_path, sampler=SAMPLER, precision=precision_name(dtype)),
         ))
 
     steps_done = 0

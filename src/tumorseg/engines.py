@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import importlib.util
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tumorseg.config import PRECISION_CHOICES
 from tumorseg.errors import ConfigError
 from tumorseg.runtime import (
     autocast,
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from tumorseg.checkpoint import Checkpoint
     from tumorseg.export import GraphInfo
 
+log = logging.getLogger("tumorseg")
+
 ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
@@ -50,11 +54,23 @@ def engine_installed(name: str) -> bool:
     return package is None or importlib.util.find_spec(package) is not None
 
 
-def require_engine(name: str) -> None:
+def require_engine(name: str, alternative: str = "or use --engine torch") -> None:
     """Raises ConfigError naming the pip command when an engine's package is missing."""
     if not engine_installed(name):
         raise ConfigError(f"engine {name} needs the {ENGINE_PACKAGES[name]} package; "
-                          f"pip install {ENGINE_PACKAGES[name]}, or use --engine torch")
+                          f"pip install {ENGINE_PACKAGES[name]}{', ' + alternative if alternative else ''}")
+
+
+def _padded(x: torch.Tensor, divisor: int) -> tuple[np.ndarray, int, int]:
+    """Slices as a contiguous float32 array, zero-padded at the bottom and right to a
+    multiple of `divisor`, as the U-Net pads itself in PyTorch (an exported graph was
+    traced on a size that needed no padding, so it cannot pad)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % divisor, (-w) % divisor
+    images = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    if ph or pw:
+        images = np.pad(images, ((0, 0), (0, 0), (0, ph), (0, pw)))
+    return images, h, w
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
@@ -116,8 +132,9 @@ class OnnxRuntimeEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, model: bytes | str | Path, members: int, precision: str = "fp32", threads: int | None = None):
-        require_engine(self.name)
+    def __init__(self, model: bytes | str | Path, members: int, precision: str = "fp32", threads: int | None = None,
+                 divisor: int = 1):
+        require_engine(self.name, "" if isinstance(model, (str, Path)) else "or use --engine torch")
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -128,24 +145,25 @@ class OnnxRuntimeEngine:
         self.input = self.session.get_inputs()[0].name
         self.members = members
         self.precision = precision
+        self.divisor = divisor
         self.device = torch.device("cpu")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input: np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)})[0]
-        return torch.from_numpy(out)
+        images, h, w = _padded(x, self.divisor)
+        out = self.session.run(None, {self.input: images})[0]
+        return torch.from_numpy(np.ascontiguousarray(out[..., :h, :w]))
 
 
 class OpenVinoEngine:
-    """An ONNX graph or an OpenVINO IR (fp32 or int8) on OpenVINO's CPU plugin. fp32 graphs
-    run with an fp32 precision hint: OpenVINO would otherwise pick bf16 by itself on
-    some CPUs, and the fp32 engines must agree."""
+    """An ONNX graph or an OpenVINO IR (fp32 or int8) on OpenVINO's CPU plugin."""
 
     name = "openvino"
     CHUNK = 4
 
-    def __init__(self, model: Any, members: int, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, model: Any, members: int, precision: str = "fp32", threads: int | None = None,
+                 divisor: int = 1):
         """`model`: ONNX bytes, an .onnx or .xml path, or an `openvino.Model`."""
-        require_engine(self.name)
+        require_engine(self.name, "" if isinstance(model, (str, Path)) else "or use --engine torch")
         import openvino as ov
 
         core = ov.Core()
@@ -155,23 +173,25 @@ class OpenVinoEngine:
             graph = core.read_model(str(model))
         else:
             graph = model
-        config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
-        if precision == "fp32":
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+        # f32 for what is not quantised: OpenVINO would otherwise choose bf16 by itself on
+        # CPUs with bf16 instructions, and the engines' parity was measured in f32.
+        config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "f32"}
         self.compiled = core.compile_model(graph, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.members = members
         self.precision = precision
+        self.divisor = divisor
         self.device = torch.device("cpu")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # In chunks of CHUNK slices: measured 15% faster than 16 at once on a 2-core CPU
         # (the working set of a chunk stays in cache).
-        images = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
+        images, h, w = _padded(x, self.divisor)
         outputs = []
         for start in range(0, len(images), self.CHUNK):
             out = self.request.infer([images[start:start + self.CHUNK]])
-            outputs.append(np.array(next(iter(out.values())), dtype=np.float32, copy=True))
+            outputs.append(np.array(next(iter(out.values()))[..., :h, :w], dtype=np.float32, copy=True))
         return torch.from_numpy(np.concatenate(outputs))
 
 
@@ -203,7 +223,11 @@ def _version(package: str) -> str:
         return ""
 
 
-TIMING_BATCH = 4  # whole 256x256 slices per timed call when engines are compared
+TIMING_BATCH = 8  # whole 256x256 slices per timed call when engines are compared
+
+
+def _divisor(model_config: dict[str, Any]) -> int:
+    return 2 ** (int(model_config.get("depth", 1)) - 1)
 
 
 def choose_engine(engine: str, source: list[Checkpoint] | Path, info: GraphInfo | None, *,
@@ -211,33 +235,40 @@ def choose_engine(engine: str, source: list[Checkpoint] | Path, info: GraphInfo 
                   variants: Sequence[Path] = ()) -> Engine:
     """The engine that runs `source` (checkpoints, or an exported graph with its `info`).
 
-    "auto" builds every installed engine that can run it on the CPU (and the int8
-    `variants` of the checkpoints, when `precision` is "auto"), times them on whole slices
-    once per machine (`runtime.measured_choice`, cached) and keeps the fastest. Exported
-    graphs run on the CPU; on a GPU, "auto" is PyTorch.
+    "auto" builds every installed engine that can run it on the CPU in the precision asked
+    (and the int8 `variants` of the checkpoints, when `precision` is "auto"), times them on
+    whole slices once per machine (`runtime.measured_choice`, cached) and keeps the
+    fastest. An engine that fails to build is left out with a warning. Exported graphs run
+    on the CPU in their own precision; on a GPU, "auto" is PyTorch. bf16 is PyTorch's.
 
     Raises:
-        ConfigError: an engine that is not installed or cannot run this source.
+        ConfigError: an engine or precision that is not installed or cannot run this source.
     """
     from tumorseg.export import format_of, onnx_bytes, openvino_model, stacked_model
 
+    if precision not in PRECISION_CHOICES:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    builders: dict[str, Callable[[], Engine]] = {}
     if isinstance(source, Path):
+        assert info is not None
         kind = format_of(source)
         runs = ("onnxruntime", "openvino") if kind == "onnx" else ("openvino",)
         if engine not in ("auto", *runs):
             raise ConfigError(f"{source} is an exported {kind} model; it runs on {' or '.join(runs)}, not {engine} "
                               "(PyTorch runs the .pt checkpoints)")
+        if precision not in ("auto", info.precision):
+            raise ConfigError(f"{source} is an {info.precision} model; drop --precision {precision} or export the "
+                              f"model in {precision}")
         if device not in ("auto", "cpu") and select_device(device).type != "cpu":
             raise ConfigError(f"{source} is an exported model; it runs on the CPU "
                               "(use --device cpu, or a .pt checkpoint)")
-        assert info is not None
-        builders: dict[str, Callable[[], Engine]] = {}
+        divisor = _divisor(info.model_config)
         for name in runs:
             if engine == name or (engine == "auto" and engine_installed(name)):
                 cls = OnnxRuntimeEngine if name == "onnxruntime" else OpenVinoEngine
-                builders[name] = lambda cls=cls: cls(source, info.members, info.precision)
+                builders[name] = lambda cls=cls: cls(source, info.members, info.precision, divisor=divisor)
         if not builders:
-            require_engine(runs[0])
+            require_engine(runs[0], "")
         signature = f"{info.model_config}x{info.members}-{info.precision}"
         example_channels = len(info.channels)
     else:
@@ -245,41 +276,49 @@ def choose_engine(engine: str, source: list[Checkpoint] | Path, info: GraphInfo 
         members = len(checkpoints)
         dev = select_device(device)
         models = [ck.build_model() for ck in checkpoints]
-        builders = {"torch": lambda: torch_engine(models, device=dev, precision=precision)}
-        if engine != "torch" and dev.type != "cpu":
-            if engine != "auto":
+        divisor = _divisor(checkpoints[0].model_config.to_dict())
+        example = torch.zeros(1, len(checkpoints[0].channels), 256, 256)
+        builders["torch"] = lambda: torch_engine(models, device=dev, precision=precision)
+        if engine not in ("auto", "torch"):
+            if dev.type != "cpu":
                 raise ConfigError(f"engine {engine} runs on the CPU; use --device cpu, or --engine torch on {dev}")
-        elif engine != "torch":
-            wanted = ("onnxruntime", "openvino") if engine == "auto" else (engine,)
-            if engine != "auto":
-                require_engine(engine)
-            if "onnxruntime" in wanted and engine_installed("onnxruntime") and importlib.util.find_spec("onnx"):
-                builders["onnxruntime"] = lambda: OnnxRuntimeEngine(
-                    onnx_bytes(stacked_model(checkpoints), torch.zeros(1, len(checkpoints[0].channels), 256, 256)),
-                    members)
-            elif engine == "onnxruntime":
+            if precision == "bf16":
+                raise ConfigError(f"bf16 is PyTorch's; use --engine torch with --precision bf16, or --precision "
+                                  f"fp32 with --engine {engine}")
+            require_engine(engine)
+            if engine == "onnxruntime" and importlib.util.find_spec("onnx") is None:
                 raise ConfigError("engine onnxruntime runs .pt checkpoints through ONNX and needs the onnx package: "
                                   "pip install onnx, or export the model with `tumorseg export --format onnx`")
-            if "openvino" in wanted and engine_installed("openvino"):
-                builders["openvino"] = lambda: OpenVinoEngine(
-                    openvino_model(stacked_model(checkpoints), torch.zeros(1, len(checkpoints[0].channels), 256, 256)),
-                    members)
-                if precision == "auto":
-                    for v in variants:
-                        builders["openvino-int8"] = lambda v=v: OpenVinoEngine(v, members, "int8")
-            if engine != "auto":
-                del builders["torch"]
+            del builders["torch"]
+        if engine in ("auto", "onnxruntime") and dev.type == "cpu" and precision != "bf16":
+            if engine_installed("onnxruntime") and importlib.util.find_spec("onnx") is not None:
+                builders["onnxruntime"] = lambda: OnnxRuntimeEngine(
+                    onnx_bytes(stacked_model(checkpoints), example), members, divisor=divisor)
+        openvino = engine_installed("openvino")
+        if engine in ("auto", "openvino") and dev.type == "cpu" and precision != "bf16" and openvino:
+            builders["openvino"] = lambda: OpenVinoEngine(openvino_model(stacked_model(checkpoints), example),
+                                                          members, divisor=divisor)
+            if precision == "auto":
+                for v in variants:
+                    builders["openvino-int8"] = lambda v=v: OpenVinoEngine(v, members, "int8", divisor=divisor)
         signature = f"{model_signature(models[0])}x{members}"
         example_channels = len(checkpoints[0].channels)
     if len(builders) == 1:
         return next(iter(builders.values()))()
     key = {"device": hardware_name(torch.device("cpu")), "torch": torch.__version__,
            "onnxruntime": _version("onnxruntime"), "openvino": _version("openvino"), "model": signature,
-           "candidates": sorted(builders), "precision": precision}
+           "candidates": sorted(builders), "precision": precision, "batch": TIMING_BATCH}
     cached = cached_choice("engine", key, builders)
     if cached is not None:
         return builders[cached]()
-    built = {name: build() for name, build in builders.items()}
+    built: dict[str, Engine] = {}
+    for name, build in builders.items():
+        try:
+            built[name] = build()
+        except Exception as e:  # an optional engine that cannot take this model drops out of the choice
+            if len(builders) - len(built) == 1 and not built:
+                raise
+            log.warning(f"engine {name} could not load this model and is left out ({type(e).__name__}: {e})")
     x = torch.randn((TIMING_BATCH, example_channels, 256, 256), generator=torch.Generator().manual_seed(0))
     choice = measured_choice("engine", key, {name: (lambda e=e: e(x)) for name, e in built.items()})
     return built[choice]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from torch import nn
 from tumorseg.checkpoint import NORMALIZATION_METHOD, Checkpoint
 from tumorseg.config import InferenceConfig
 from tumorseg.errors import CheckpointError, ConfigError, DataError
-from tumorseg.fileio import atomic_write, atomic_write_text
+from tumorseg.fileio import atomic_write
 
 log = logging.getLogger("tumorseg")
 
@@ -176,6 +177,9 @@ def write_openvino(checkpoints: list[Checkpoint], dst: str | Path, inference: In
                    calibration_info: dict[str, Any] | None = None) -> Path:
     """Write the checkpoints as an OpenVINO IR (`dst` .xml and its .bin), fp32, or int8
     quantised by NNCF on `calibration` batches of normalised slices."""
+    _need("openvino", "OpenVINO export")
+    if calibration is not None:
+        _need("nncf", "int8 export")
     import openvino as ov
 
     dst = Path(dst)
@@ -184,21 +188,27 @@ def write_openvino(checkpoints: list[Checkpoint], dst: str | Path, inference: In
     model = openvino_model(stacked_model(checkpoints), _example(checkpoints))
     precision = "fp32"
     if calibration is not None:
-        _need("nncf", "int8 export")
         import nncf
 
-        logging.getLogger("nncf").setLevel(logging.ERROR)
-        model = nncf.quantize(model, nncf.Dataset(calibration), subset_size=sum(len(b) for b in calibration),
-                              preset=nncf.QuantizationPreset.PERFORMANCE)
+        nncf_log = logging.getLogger("nncf")
+        level = nncf_log.level
+        nncf_log.setLevel(logging.ERROR)
+        try:
+            model = nncf.quantize(model, nncf.Dataset(calibration), subset_size=sum(len(b) for b in calibration),
+                                  preset=nncf.QuantizationPreset.PERFORMANCE)
+        finally:
+            nncf_log.setLevel(level)
         precision = "int8"
     info = graph_info(checkpoints, inference, precision=precision, notes=notes, calibration=calibration_info)
     model.set_rt_info(info.to_json(), "tumorseg")
-    # Written to a temporary folder, then moved: a failure never leaves half an IR behind.
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+    # Written to a temporary folder beside it, then moved, the .xml last: a failure never
+    # leaves half an IR behind.
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".export-") as tmp:
         tmp_xml = Path(tmp) / dst.name
         ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-        atomic_write(dst.with_suffix(".bin"), lambda f: f.write(tmp_xml.with_suffix(".bin").read_bytes()))
-        atomic_write_text(dst, tmp_xml.read_text())
+        os.replace(tmp_xml.with_suffix(".bin"), dst.with_suffix(".bin"))
+        os.replace(tmp_xml, dst)
     return dst
 
 
@@ -313,6 +323,12 @@ def export_model(source: str | Path, dst: str | Path, *, fmt: str | None = None,
         raise ConfigError("--calibration is for --int8 exports only")
     if calibration_slices < 16:
         raise ConfigError(f"--calibration-slices must be >= 16, got {calibration_slices}")
+    if fmt == "onnx":
+        _need("onnx", "ONNX export")
+    if fmt == "openvino":
+        _need("openvino", "OpenVINO export")
+    if int8:
+        _need("nncf", "int8 export")
     check_output_dir(dst.parent)
     if dst.is_dir():
         raise ConfigError(f"{dst} is a folder; pass a file name to --out")

@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -83,7 +84,10 @@ def user_cache_dir() -> Path:
     else ~/.cache/tumorseg."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    except RuntimeError:  # no home directory (some containers)
+        base = tempfile.gettempdir()
     return Path(base) / "tumorseg"
 
 
@@ -115,16 +119,19 @@ def model_signature(model: nn.Module) -> str:
 def time_candidates(candidates: dict[str, Callable[[], object]], repeats: int = 3,
                     give_up: float = 3.0) -> dict[str, float]:
     """Seconds per call of each candidate: the best of `repeats` calls after one warm-up.
-    A candidate whose warm-up already takes `give_up` times the best time so far is not
-    repeated (a precision without hardware support can be 100x slower; one call says so)."""
+    A candidate whose warm-up call already takes `give_up` times the fastest warm-up so far
+    is not repeated (a precision without hardware support can be 100x slower; one call
+    says so). Warm-ups are compared with warm-ups, so one-off start-up work counts alike."""
     timings: dict[str, float] = {}
+    warmups: dict[str, float] = {}
     for name, run in candidates.items():
         t = time.perf_counter()
         run()
         warm = time.perf_counter() - t
-        if timings and warm > give_up * min(timings.values()):
+        if warmups and warm > give_up * min(warmups.values()):
             timings[name] = warm
             continue
+        warmups[name] = warm
         best = warm
         for _ in range(repeats):
             t = time.perf_counter()
@@ -132,6 +139,9 @@ def time_candidates(candidates: dict[str, Callable[[], object]], repeats: int = 
             best = min(best, time.perf_counter() - t)
         timings[name] = best
     return timings
+
+
+MIN_SPEEDUP = 1.05  # another candidate must be this much faster than the first (the default) to be chosen
 
 
 def _choice_table(kind: str) -> tuple[Path, dict[str, Any]]:
@@ -155,7 +165,8 @@ def cached_choice(kind: str, key: dict[str, Any], names: Iterable[str]) -> str |
 
 def measured_choice(kind: str, key: dict[str, Any], candidates: dict[str, Callable[[], object]]) -> str:
     """The fastest of `candidates` (name -> one representative call), timed the first time
-    this `kind` and `key` are met and then read from `user_cache_dir()/<kind>.json`.
+    this `kind` and `key` are met and then read from `user_cache_dir()/<kind>.json`. The
+    first candidate is the default: another must be MIN_SPEEDUP times faster to replace it.
     Says in the log what it picked and whether it measured. A cache that cannot be read
     or written is measured around, never an error."""
     if len(candidates) == 1:
@@ -164,7 +175,9 @@ def measured_choice(kind: str, key: dict[str, Any], candidates: dict[str, Callab
     if cached is not None:
         return cached
     timings = time_candidates(candidates)
-    choice = min(timings, key=timings.__getitem__)
+    default = next(iter(candidates))
+    fastest = min(timings, key=timings.__getitem__)
+    choice = fastest if timings[fastest] * MIN_SPEEDUP < timings[default] else default
     path, table = _choice_table(kind)
     table[json.dumps(key, sort_keys=True)] = {"choice": choice, "seconds": {k: round(v, 6) for k, v in timings.items()}}
     try:
@@ -178,12 +191,14 @@ def measured_choice(kind: str, key: dict[str, Any], candidates: dict[str, Callab
 
 # ---------------------------------------------------------------------- precision
 
-def precision_candidates(device: torch.device) -> dict[str, torch.dtype | None]:
-    """The autocast dtypes worth timing on `device`: fp32 and bf16 (fp16 on CUDA GPUs
-    without bf16); MPS runs fp32."""
+def precision_candidates(device: torch.device, train: bool = False) -> dict[str, torch.dtype | None]:
+    """The autocast dtypes worth timing on `device`, fp32 first (the default unless another
+    is clearly faster): bf16, or on CUDA GPUs without bf16 fp16 for inference (training
+    in fp16 would need loss scaling, which tumorseg does not do); MPS runs fp32."""
     if device.type == "cuda":
-        return {"fp32": None, "bf16" if torch.cuda.is_bf16_supported() else "fp16":
-                torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16}
+        if torch.cuda.is_bf16_supported():
+            return {"fp32": None, "bf16": torch.bfloat16}
+        return {"fp32": None} if train else {"fp32": None, "fp16": torch.float16}
     if device.type == "cpu":
         return {"fp32": None, "bf16": torch.bfloat16}
     return {"fp32": None}
@@ -204,13 +219,15 @@ def resolve_precision(precision: str, device: torch.device, model: nn.Module | N
     Raises:
         ConfigError: an unknown precision.
     """
+    if precision == "fp16":  # not offered to users; the name `precision_name` gives a resolved fp16
+        return torch.float16
     if precision not in PRECISION_CHOICES:
         raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    candidates = precision_candidates(device)
+    candidates = precision_candidates(device, train)
     if model is None or len(candidates) == 1:
         return None
     in_channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
