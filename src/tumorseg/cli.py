@@ -177,13 +177,52 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict masks for patient folders, folders of slices or single "
                                    ".tif/.png slices. A folder is normalised as one volume; a "
                                    "single slice with its own percentiles.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="patient folder, folder of slices, or slice files")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="patient folder (kaggle_3m slices or NIfTI files), folder of slices or of patients, slice "
+                        "files, or a FLAIR .nii/.nii.gz")
+    p.add_argument("--flair", default=None, metavar="NII", help="a NIfTI patient by its files: FLAIR (required)")
+    p.add_argument("--t1", default=None, metavar="NII", help="T1 before contrast (default: FLAIR in its place)")
+    p.add_argument("--t1c", default=None, metavar="NII", help="T1 after contrast (default: FLAIR in its place)")
+    p.add_argument("--name", default=None, help="output name of the --flair patient (default: from the file name)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write the probability map (NIfTI, or PNG per slice), and for an ensemble the "
+                        "spread across its models (default: off)")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--overlay", action="store_true", help="also write an overlay PNG per slice (default: off)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help=f"slices per forward pass (default: {BATCH_SIZE})")
     _add_common_model_args(p)
+
+    p = sub.add_parser("convert", help="kaggle_3m patient folders to NIfTI (for ITK-SNAP, 3D Slicer, nibabel)",
+                       description="Write each kaggle_3m patient folder as NIfTI volumes OUT/<patient>/<patient>_"
+                                   "{t1,flair,t1ce,seg}.nii.gz: the TIFF values unchanged (uint8), the mask as 0/1, "
+                                   "LPS voxel order. The TIFFs carry no spacing: --spacing sets it.")
+    p.add_argument("inputs", nargs="+", metavar="PATIENT", help="kaggle_3m patient folders, or a kaggle_3m folder")
+    p.add_argument("--out", required=True, help="output folder (required)")
+    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="mm between slices, rows and columns (default: 1.0 0.94 0.94, an assumption)")
     return parser
+
+
+def _cmd_convert(a: argparse.Namespace) -> int:
+    from tumorseg.data.kaggle import find_patient_dirs, is_patient_dir
+    from tumorseg.data.nifti import DEFAULT_SPACING, kaggle_to_nifti
+    from tumorseg.evaluation import check_spacing
+    from tumorseg.fileio import check_output_dir
+
+    spacing = check_spacing(a.spacing) or DEFAULT_SPACING
+    out = check_output_dir(a.out)
+    patients = []
+    for raw in a.inputs:
+        path = Path(raw)
+        if not path.is_dir():
+            raise TumorsegError(f"{path} is not a folder; pass kaggle_3m patient folders or a kaggle_3m folder")
+        patients += [path] if is_patient_dir(path) else find_patient_dirs(path)
+    for patient in patients:
+        written = kaggle_to_nifti(patient, out, spacing)
+        print(f"{patient.name}: {', '.join(p.name for p in written)}")
+    print(f"{len(patients)} patients written to {out}/ (spacing {spacing[0]} x {spacing[1]} x {spacing[2]} mm)")
+    return 0
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
@@ -292,22 +331,31 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from tumorseg.prediction import predict
+    from tumorseg.data.nifti import NiftiFiles
+    from tumorseg.prediction import _patient_name, predict
 
+    nifti = None
+    if a.flair:
+        nifti = NiftiFiles(a.name or _patient_name(Path(a.flair)), flair=Path(a.flair),
+                           pre=Path(a.t1) if a.t1 else None, post=Path(a.t1c) if a.t1c else None)
+    elif a.t1 or a.t1c or a.name:
+        raise TumorsegError("--t1, --t1c and --name describe a --flair patient; pass --flair too")
     summaries = predict(a.inputs, a.out, checkpoint=a.checkpoint, threshold=a.threshold,
                         postprocess=a.postprocess, overlay=a.overlay, tta=a.tta, precision=a.precision,
-                        device=a.device, engine=a.engine, batch_size=a.batch_size, show_progress=not a.no_progress)
+                        device=a.device, engine=a.engine, batch_size=a.batch_size, show_progress=not a.no_progress,
+                        save_probabilities=a.save_probabilities, nifti=nifti)
     width = max(len("volume"), *(len(s.volume) for s in summaries))
-    print(f"{'volume':<{width}}  slices  tumour slices  tumour pixels  removed by post-processing")
+    print(f"{'volume':<{width}}  slices  tumour slices  tumour pixels  volume mL  removed by post-processing")
     for s in summaries:
-        print(f"{s.volume:<{width}}  {s.slices:>6}  {s.tumour_slices:>13}  {s.tumour_pixels:>13}  "
+        ml = f"{s.volume_ml:.2f}" if s.volume_ml is not None else "-"
+        print(f"{s.volume:<{width}}  {s.slices:>6}  {s.tumour_slices:>13}  {s.tumour_pixels:>13}  {ml:>9}  "
               f"{s.removed_pixels:>26}")
     print(f"masks written to {a.out}/")
     return 0
 
 
-COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "crossval": _cmd_crossval, "export": _cmd_export,
-            "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+COMMANDS = {"prepare": _cmd_prepare, "convert": _cmd_convert, "train": _cmd_train, "crossval": _cmd_crossval,
+            "export": _cmd_export, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
 
 
 class _Lines(logging.Handler):

@@ -15,6 +15,7 @@ onnxruntime and openvino are imported only when an engine needs them.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -154,6 +155,17 @@ class OnnxRuntimeEngine:
         return torch.from_numpy(np.ascontiguousarray(out[..., :h, :w]))
 
 
+@functools.cache
+def openvino_core() -> Any:
+    """The one `openvino.Core` of the process. Every Core loads its own CPU plugin, which
+    installs an alternate signal stack on the thread that creates it; with several Cores
+    created and destroyed, a later Ctrl-C ran on a freed stack and crashed the process
+    (OpenVINO 2026.4). One Core, kept for the life of the process, avoids that."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoEngine:
     """An ONNX graph or an OpenVINO IR (fp32 or int8) on OpenVINO's CPU plugin."""
 
@@ -164,9 +176,7 @@ class OpenVinoEngine:
                  divisor: int = 1):
         """`model`: ONNX bytes, an .onnx or .xml path, or an `openvino.Model`."""
         require_engine(self.name, "" if isinstance(model, (str, Path)) else "or use --engine torch")
-        import openvino as ov
-
-        core = ov.Core()
+        core = openvino_core()
         if isinstance(model, bytes):
             graph = core.read_model(model)
         elif isinstance(model, (str, Path)):

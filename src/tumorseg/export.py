@@ -147,10 +147,10 @@ def openvino_model(module: nn.Module, example: torch.Tensor) -> Any:
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        model = ov.convert_model(module, example_input=example, input=[(-1, example.shape[1], -1, -1)])
-    model.inputs[0].get_tensor().set_names({"images"})
-    model.outputs[0].get_tensor().set_names({"logits"})
-    return model
+        converted = ov.convert_model(module, example_input=example, input=[(-1, example.shape[1], -1, -1)])
+    converted.inputs[0].get_tensor().set_names({"images"})
+    converted.outputs[0].get_tensor().set_names({"logits"})
+    return converted
 
 
 def graph_info(checkpoints: list[Checkpoint], inference: InferenceConfig, precision: str = "fp32",
@@ -232,12 +232,12 @@ def read_graph_info(path: str | Path) -> GraphInfo:
             text = next((p.value for p in model.metadata_props if p.key == "tumorseg"), "")
         else:
             _need("openvino", "reading an OpenVINO model")
-            import openvino as ov
-
             if not path.with_suffix(".bin").is_file():
                 raise CheckpointError(f"{path.with_suffix('.bin')} is missing; an OpenVINO model is the .xml "
                                       "and the .bin beside it")
-            model = ov.Core().read_model(str(path))
+            from tumorseg.engines import openvino_core
+
+            model = openvino_core().read_model(str(path))
             text = model.get_rt_info(["tumorseg"]).astype(str) if model.has_rt_info(["tumorseg"]) else ""
     except (CheckpointError, ConfigError):
         raise

@@ -46,6 +46,7 @@ class Prediction:
 
     probabilities: torch.Tensor  # (N, 1, H, W)
     logits: torch.Tensor | None = None  # (N, 1, H, W); an ensemble's: the logit of the mean probability
+    spread: torch.Tensor | None = None  # (N, 1, H, W): std of the models' probabilities (ensembles only)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Segmentation:
     mask: np.ndarray  # bool (S, H, W), after threshold and post-processing
     probabilities: np.ndarray  # float32 (S, H, W)
     removed_voxels: int  # voxels above the threshold that post-processing removed
+    spread: np.ndarray | None = None  # float32 (S, H, W): std across an ensemble's models
 
 
 def check_model_arguments(predictor: Predictor | None, **settings: object) -> None:
@@ -219,32 +221,37 @@ class Predictor:
         n = images.shape[0]
         probs = torch.empty((n, 1, *images.shape[-2:]), dtype=torch.float32)
         raw = torch.empty_like(probs) if logits else None
+        spread = torch.empty_like(probs) if self.members > 1 else None
         for start in range(0, n, self.batch_size):
             s = slice(start, min(start + self.batch_size, n))
-            p, z = self._forward(images[s])
+            p, z, sd = self._forward(images[s])
             probs[s] = p.cpu()
             if raw is not None:
                 raw[s] = z.cpu()
-        return Prediction(probs, raw)
+            if spread is not None:
+                spread[s] = sd.cpu()
+        return Prediction(probs, raw, spread)
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(probabilities, logits) of one chunk: the mean over models (and over the flip
-        with TTA) of the probabilities; the logits of that mean, or the model's own logits
-        for one model without TTA."""
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probabilities, logits, spread) of one chunk: the mean over models (and over the
+        flip with TTA) of the probabilities; the logits of that mean, or the model's own
+        logits for one model without TTA; the standard deviation across the models."""
         z = self.engine(x).float()  # (N, M, H, W)
         p = torch.sigmoid(z)
         if self.inference.tta:
             p = 0.5 * (p + torch.sigmoid(self.engine(x.flip(-1)).float()).flip(-1))
         mean = p.mean(dim=1, keepdim=True)
+        spread = p.std(dim=1, unbiased=False, keepdim=True)
         if z.shape[1] == 1 and not self.inference.tta:
-            return mean, z
-        return mean, torch.logit(mean, eps=1e-6)
+            return mean, z, spread
+        return mean, torch.logit(mean, eps=1e-6), spread
 
     # ------------------------------------------------------------------ raw volumes
 
     def normalize_volume(self, volume: np.ndarray, low: Sequence[float] | None = None,
                          high: Sequence[float] | None = None) -> torch.Tensor:
-        """Model input float32 (S, C, H, W) for a raw volume uint8 (S, H, W, 3).
+        """Model input float32 (S, C, H, W) for a raw volume (S, H, W, 3): uint8 slices or
+        the float intensities of a NIfTI volume.
 
         The channels are normalised with `low`/`high` (statistics of all three channels,
         e.g. from the cache) or, when not given, with the percentiles of this volume.
@@ -262,7 +269,14 @@ class Predictor:
                 high: Sequence[float] | None = None) -> Segmentation:
         """Segment one patient volume uint8 (S, H, W, 3): normalise (see
         `normalize_volume`), predict, threshold and post-process as configured."""
-        probs = self.predict(self.normalize_volume(volume, low, high)).probabilities[:, 0].numpy()
-        mask = binarize(probs, self.inference)
-        removed = int(np.count_nonzero(probs > self.inference.threshold)) - int(np.count_nonzero(mask))
-        return Segmentation(mask=mask, probabilities=probs, removed_voxels=removed)
+        pred = self.predict(self.normalize_volume(volume, low, high))
+        seg = self.finish(pred.probabilities[:, 0].numpy())
+        seg.spread = pred.spread[:, 0].numpy() if pred.spread is not None else None
+        return seg
+
+    def finish(self, probabilities: np.ndarray) -> Segmentation:
+        """Threshold and post-process probabilities float32 (S, H, W) as configured (for
+        probabilities brought back to another grid; `segment` ends with it too)."""
+        mask = binarize(probabilities, self.inference)
+        removed = int(np.count_nonzero(probabilities > self.inference.threshold)) - int(np.count_nonzero(mask))
+        return Segmentation(mask=mask, probabilities=probabilities, removed_voxels=removed)

@@ -21,15 +21,29 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tumorseg.data.kaggle import find_patient_dirs
+from tumorseg.data.nifti import (
+    SEQUENCE_WORDS,
+    NiftiFiles,
+    find_sequences,
+    is_nifti,
+    is_nifti_patient,
+    nifti_stem,
+    read_nifti_patient,
+    resample_slices,
+    to_training_scale,
+    write_nifti,
+)
 from tumorseg.data.slices import IMAGE_SUFFIXES, mask_png, read_volume, slice_images, write_png
 from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
@@ -39,7 +53,8 @@ from tumorseg.inference import BATCH_SIZE, Predictor, check_model_arguments
 @dataclass
 class Volume:
     name: str
-    files: list[Path]
+    files: list[Path]  # slice images; empty for a NIfTI patient
+    nifti: NiftiFiles | None = None
 
 
 def collect_volumes(inputs: Sequence[str | Path]) -> list[Volume]:
@@ -55,18 +70,30 @@ def collect_volumes(inputs: Sequence[str | Path]) -> list[Volume]:
         if not path.exists():
             raise DataError(f"{path} does not exist; pass a patient folder, a folder of slices or .tif/.png files")
         if path.is_file():
+            if is_nifti(path):  # one volume given alone: FLAIR
+                volumes.append(Volume(_patient_name(path), [], NiftiFiles(_patient_name(path), flair=path)))
+                continue
             if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DataError(f"{path}: not a slice image; expected .tif, .tiff or .png")
+                raise DataError(f"{path}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii "
+                                "or .nii.gz")
             volumes.append(Volume(path.stem, [path]))
+            continue
+        if is_nifti_patient(path):
+            files = find_sequences(path)
+            volumes.append(Volume(files.name, [], files))
             continue
         files = slice_images(path)
         if files:
             volumes.append(Volume(path.resolve().name, files))
             continue
+        nifti = sorted(p for p in path.iterdir() if p.is_dir() and is_nifti_patient(p))
+        if nifti:
+            volumes.extend(Volume(p.name, [], find_sequences(p)) for p in nifti)
+            continue
         try:
             patients = find_patient_dirs(path)
         except DataError:
-            raise DataError(f"{path} holds no .tif/.png slices and no patient folders") from None
+            raise DataError(f"{path} holds no .tif/.png slices, no NIfTI volumes and no patient folders") from None
         for p in patients:
             files = slice_images(p)
             if not files:
@@ -79,6 +106,15 @@ def collect_volumes(inputs: Sequence[str | Path]) -> list[Volume]:
     return volumes
 
 
+def _patient_name(path: Path) -> str:
+    """A NIfTI file's name without .nii(.gz) and without a trailing sequence word (_flair ...)."""
+    stem = nifti_stem(path)
+    words = re.split(r"([_\-])", stem)
+    if len(words) > 2 and words[-1].lower() in {w for ws in SEQUENCE_WORDS.values() for w in ws}:
+        return "".join(words[:-2])
+    return stem
+
+
 @dataclass
 class VolumeSummary:
     volume: str
@@ -86,6 +122,7 @@ class VolumeSummary:
     tumour_slices: int
     tumour_pixels: int
     removed_pixels: int = 0  # above the threshold, but removed by post-processing
+    volume_ml: float | None = None  # tumour volume from the voxel size (NIfTI input); None for slices
 
 
 def predict(
@@ -103,8 +140,12 @@ def predict(
     batch_size: int = BATCH_SIZE,
     show_progress: bool = True,
     predictor: Predictor | None = None,
+    save_probabilities: bool = False,
+    nifti: NiftiFiles | None = None,
 ) -> list[VolumeSummary]:
-    """Predict tumour masks for `inputs` and write them under `out_dir`.
+    """Predict tumour masks for `inputs` (and the NIfTI patient `nifti`, given by its
+    files) and write them under `out_dir`; `save_probabilities` also writes the
+    probability maps (and, for an ensemble, their spread across the models).
 
     The model is `predictor`, or `Predictor.from_checkpoints(checkpoint, ...)` (None: the
     shipped model) with threshold/postprocess/tta overriding its stored settings.
@@ -117,6 +158,10 @@ def predict(
 
     check_model_arguments(predictor, checkpoint=checkpoint, threshold=threshold, postprocess=postprocess, tta=tta)
     volumes = collect_volumes(inputs)
+    if nifti is not None:
+        volumes.append(Volume(nifti.name, [], nifti))
+    if not volumes:
+        raise DataError("nothing to predict: pass INPUT paths or --flair")
     out = check_output_dir(out_dir)
     read_summary(out / "summary.csv")  # a table we could not merge into fails now, not after the work
     if predictor is None:
@@ -126,22 +171,71 @@ def predict(
     summaries = []
     bar = None if show_progress and len(volumes) > 1 else True  # None: only on a terminal
     for vol in tqdm(volumes, desc="predicting", unit="volume", disable=bar):
-        images = read_volume(vol.files, vol.name)
-        seg = predictor.segment(images)
-        masks = seg.mask
-        vdir = prepare_output_dir(out / vol.name)
-        for f, img, m in zip(vol.files, images, masks, strict=True):
-            mask_png(vdir / f"{f.stem}_pred.png", m)
-            if overlay:
-                write_png(vdir / f"{f.stem}_overlay.png", make_overlay(img, m))
-        summary = VolumeSummary(vol.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()),
-                                int(masks.sum()), seg.removed_voxels)
+        if vol.nifti is not None:
+            summary = _predict_nifti(predictor, vol.nifti, out, overlay, save_probabilities)
+        else:
+            images = read_volume(vol.files, vol.name)
+            seg = predictor.segment(images)
+            masks = seg.mask
+            vdir = prepare_output_dir(out / vol.name)
+            for i, (f, img, m) in enumerate(zip(vol.files, images, masks, strict=True)):
+                mask_png(vdir / f"{f.stem}_pred.png", m)
+                if overlay:
+                    write_png(vdir / f"{f.stem}_overlay.png", make_overlay(img, m))
+                if save_probabilities:
+                    write_png(vdir / f"{f.stem}_prob.png", _probability_png(seg.probabilities[i]))
+                    if seg.spread is not None:
+                        write_png(vdir / f"{f.stem}_prob_spread.png", _probability_png(seg.spread[i]))
+            summary = VolumeSummary(vol.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()),
+                                    int(masks.sum()), seg.removed_voxels)
         merge_summary(out / "summary.csv", [summary])  # at once: a later failure loses no row
         summaries.append(summary)
     return summaries
 
 
-SUMMARY_FIELDS = ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels"]
+def _probability_png(p: np.ndarray) -> np.ndarray:
+    """Probabilities (or their spread) in [0, 1] as 8-bit grey levels."""
+    return np.round(np.clip(p, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _predict_nifti(predictor: Predictor, files: NiftiFiles, out: Path, overlay: bool,
+                   save_probabilities: bool) -> VolumeSummary:
+    """Segment one NIfTI patient and write `<name>_pred.nii.gz` (uint8 0/1 on the input's
+    grid) and, on request, probability maps and overlay PNGs (model orientation)."""
+    from tumorseg.plots import overlay as make_overlay
+
+    patient = read_nifti_patient(files)
+    volume, input_shape = to_training_scale(patient)
+    seg = predictor.segment(volume)
+    if input_shape is not None:  # back to the input's grid before threshold and post-processing
+        probs = resample_slices(seg.probabilities, input_shape)
+        spread = resample_slices(seg.spread, input_shape) if seg.spread is not None else None
+        seg = predictor.finish(probs)
+        seg.spread = spread
+    masks = seg.mask
+    vdir = prepare_output_dir(out / patient.name)
+    write_nifti(vdir / f"{patient.name}_pred.nii.gz", masks, patient.grid, np.uint8)
+    if save_probabilities:
+        write_nifti(vdir / f"{patient.name}_prob.nii.gz", seg.probabilities, patient.grid, np.float32)
+        if seg.spread is not None:
+            write_nifti(vdir / f"{patient.name}_prob_spread.nii.gz", seg.spread, patient.grid, np.float32)
+    if overlay:
+        shown = (predictor.normalize_volume(patient.volume).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+        for i in np.flatnonzero(masks.reshape(len(masks), -1).any(1)):
+            write_png(vdir / f"{patient.name}_{i + 1}_overlay.png", make_overlay(_display(shown[i]), masks[i]))
+    voxels = int(masks.sum())
+    return VolumeSummary(patient.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()), voxels,
+                         seg.removed_voxels, voxels * patient.grid.voxel_ml)
+
+
+def _display(normalised: np.ndarray) -> np.ndarray:
+    """An (H, W, C) uint8 slice for the overlay, three channels (the model's inputs)."""
+    if normalised.shape[-1] == 3:
+        return normalised
+    return np.repeat(normalised[..., :1], 3, axis=-1)
+
+
+SUMMARY_FIELDS = ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels", "volume_ml"]
 
 
 @contextmanager
@@ -187,7 +281,8 @@ def merge_summary(path: Path, summaries: Sequence[VolumeSummary]) -> None:
     with _locked(path.parent):
         rows = read_summary(path)
         for s in summaries:
-            rows[s.volume] = {k: str(v) for k, v in asdict(s).items()}
+            rows[s.volume] = {k: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+                              for k, v in asdict(s).items()}
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()

@@ -1,0 +1,249 @@
+"""NIfTI patients: conversion round trips, any voxel order gives the same physical mask,
+in-plane resampling, outputs on the input's grid, and one-line errors for bad files."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import itertools
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+from PIL import Image
+
+from tumorseg.cli import main
+from tumorseg.data.nifti import (
+    TRAINING_SPACING,
+    NiftiFiles,
+    find_sequences,
+    kaggle_affine,
+    kaggle_to_nifti,
+    read_nifti_patient,
+)
+from tumorseg.errors import DataError
+from tumorseg.inference import Predictor
+from tumorseg.model import UNet
+from tumorseg.prediction import predict
+
+PATIENT = "PAT_A_2001"
+
+
+def unet_predictor() -> Predictor:
+    torch.manual_seed(0)
+    return Predictor([UNet(n_features=4, depth=3).eval()], device="cpu", precision="fp32", channels_last=False)
+
+
+def flair_predictor() -> Predictor:
+    from test_prediction import FlairThreshold
+
+    return Predictor([FlairThreshold()], fuse=False, precision="fp32", device="cpu", percentiles=(0.0, 100.0))
+
+
+@pytest.fixture
+def converted(kaggle, tmp_path) -> Path:
+    kaggle_to_nifti(kaggle.root / PATIENT, tmp_path / "nii", spacing=(2.0, TRAINING_SPACING, TRAINING_SPACING))
+    return tmp_path / "nii" / PATIENT
+
+
+def _save(img: nib.Nifti1Image, path: Path) -> Path:
+    nib.save(img, str(path))
+    return path
+
+
+def test_conversion_round_trip_is_voxel_exact(kaggle, converted):
+    names = sorted(p.name for p in converted.iterdir())
+    assert names == [f"{PATIENT}_{s}.nii.gz" for s in ("flair", "seg", "t1", "t1ce")]
+    files = find_sequences(converted)
+    assert (files.flair.name, files.pre.name, files.post.name, files.label.name) == (
+        f"{PATIENT}_flair.nii.gz", f"{PATIENT}_t1.nii.gz", f"{PATIENT}_t1ce.nii.gz", f"{PATIENT}_seg.nii.gz")
+    patient = read_nifti_patient(files)
+    assert np.array_equal(patient.volume, kaggle.images[PATIENT].astype(np.float32))
+    assert np.array_equal(patient.label, kaggle.masks[PATIENT] > 0)
+    assert patient.grid.spacing == (2.0, TRAINING_SPACING, TRAINING_SPACING) and patient.filled == []
+    assert nib.aff2axcodes(nib.load(str(files.flair)).affine) == ("L", "P", "S")
+
+
+def test_nifti_patient_gives_the_same_mask_as_its_tiff_folder(kaggle, converted, tmp_path):
+    predictor = unet_predictor()
+    tiff = predict([kaggle.root / PATIENT], tmp_path / "tiff", predictor=predictor, show_progress=False)
+    nii = predict([converted], tmp_path / "nii-out", predictor=predictor, show_progress=False)
+    assert [(s.slices, s.tumour_slices, s.tumour_pixels) for s in tiff] == \
+        [(s.slices, s.tumour_slices, s.tumour_pixels) for s in nii]
+    assert nii[0].tumour_pixels > 0
+    pred = nib.load(str(tmp_path / "nii-out" / PATIENT / f"{PATIENT}_pred.nii.gz"))
+    flair = nib.load(str(converted / f"{PATIENT}_flair.nii.gz"))
+    assert pred.shape == flair.shape and np.array_equal(pred.affine, flair.affine)
+    assert pred.get_data_dtype() == np.uint8
+    mask = np.asarray(pred.dataobj).transpose(2, 1, 0)  # (x, y, z) -> (slice, row, column)
+    for i, n in enumerate(kaggle.slices[PATIENT]):
+        png = np.asarray(Image.open(tmp_path / "tiff" / PATIENT / f"{PATIENT}_{n}_pred.png")) > 0
+        assert np.array_equal(mask[i] > 0, png), n
+    row = next(csv.DictReader((tmp_path / "nii-out" / "summary.csv").open()))
+    voxel_ml = 2.0 * TRAINING_SPACING**2 / 1000
+    assert float(row["volume_ml"]) == pytest.approx(nii[0].tumour_pixels * voxel_ml, abs=1e-3)
+    assert next(csv.DictReader((tmp_path / "tiff" / "summary.csv").open()))["volume_ml"] == ""
+
+
+ORDERS = [("R", "A", "S"), ("S", "P", "L"), ("A", "I", "R"), ("P", "L", "I")]
+
+
+@pytest.mark.parametrize("codes", ORDERS)
+def test_any_voxel_order_gives_the_same_physical_mask(converted, tmp_path, codes):
+    """The patient rewritten in another voxel order (permuted and flipped, with the
+    matching affine) gives the same mask in physical space."""
+    predictor = unet_predictor()
+    predict([converted], tmp_path / "ref", predictor=predictor, show_progress=False)
+    ref = nib.load(str(tmp_path / "ref" / PATIENT / f"{PATIENT}_pred.nii.gz"))
+    moved = tmp_path / "moved" / PATIENT
+    moved.mkdir(parents=True)
+    for f in converted.iterdir():
+        img = nib.load(str(f))
+        ornt = ornt_transform(io_orientation(img.affine), axcodes2ornt(codes))
+        _save(img.as_reoriented(ornt), moved / f.name)
+    assert nib.aff2axcodes(nib.load(str(moved / f"{PATIENT}_flair.nii.gz")).affine) == codes
+    predict([moved], tmp_path / "out", predictor=predictor, show_progress=False)
+    out = nib.load(str(tmp_path / "out" / PATIENT / f"{PATIENT}_pred.nii.gz"))
+    flair = nib.load(str(moved / f"{PATIENT}_flair.nii.gz"))
+    assert out.shape == flair.shape and np.allclose(out.affine, flair.affine)
+    back = out.as_reoriented(ornt_transform(io_orientation(out.affine), io_orientation(ref.affine)))
+    assert np.allclose(back.affine, ref.affine)
+    assert np.array_equal(np.asarray(back.dataobj), np.asarray(ref.dataobj))
+
+
+def test_off_scale_slices_are_resampled_and_the_mask_comes_back_on_the_input_grid(tmp_path, caplog):
+    """A 64x64 patient at 0.47 mm is segmented at the model's 0.94 mm and its mask returned
+    at 64x64: the same tumour as the 32x32 version at 0.94 mm, upsampled."""
+    rng = np.random.default_rng(0)
+    small = np.zeros((4, 32, 32), dtype=np.float32)
+    small[1:3, 8:20, 10:24] = 1.0  # a tumour block
+    flair = (small * 200 + rng.uniform(0, 20, small.shape)).astype(np.float32)
+    big = np.repeat(np.repeat(flair, 2, axis=1), 2, axis=2)
+    folder = tmp_path / "fine"
+    folder.mkdir()
+    affine = kaggle_affine((3.0, TRAINING_SPACING / 2, TRAINING_SPACING / 2))
+    _save(nib.Nifti1Image(np.ascontiguousarray(big.transpose(2, 1, 0)), affine), folder / "fine_flair.nii.gz")
+    (summary,) = predict([folder], tmp_path / "out", predictor=flair_predictor(), show_progress=False)
+    assert "resampling 64x64 -> 32x32" in caplog.text
+    assert "filled with FLAIR" in caplog.text
+    out = nib.load(str(tmp_path / "out" / "fine" / "fine_pred.nii.gz"))
+    assert out.shape == (64, 64, 4) and np.allclose(out.affine, affine)
+    mask = np.asarray(out.dataobj).transpose(2, 1, 0) > 0
+    truth = np.repeat(np.repeat(small > 0, 2, axis=1), 2, axis=2)
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.95
+    assert summary.volume_ml == pytest.approx(mask.sum() * 3.0 * (TRAINING_SPACING / 2) ** 2 / 1000, rel=1e-3)
+
+
+def test_save_probabilities_of_an_ensemble_writes_the_mean_and_the_spread(converted, tmp_path):
+    torch.manual_seed(0)
+    models = [UNet(n_features=4, depth=3).eval() for _ in range(2)]
+    predictor = Predictor(models, device="cpu", precision="fp32", channels_last=False)
+    predict([converted], tmp_path / "out", predictor=predictor, save_probabilities=True, show_progress=False)
+    folder = tmp_path / "out" / PATIENT
+    prob = nib.load(str(folder / f"{PATIENT}_prob.nii.gz"))
+    spread = nib.load(str(folder / f"{PATIENT}_prob_spread.nii.gz"))
+    p, s = np.asarray(prob.dataobj), np.asarray(spread.dataobj)
+    assert prob.get_data_dtype() == np.float32 and p.min() >= 0 and p.max() <= 1
+    assert s.max() > 0 and np.allclose(prob.affine, nib.load(str(converted / f"{PATIENT}_flair.nii.gz")).affine)
+    mask = np.asarray(nib.load(str(folder / f"{PATIENT}_pred.nii.gz")).dataobj)
+    assert np.array_equal(mask > 0, p > 0.5)  # no post-processing: the mask is the thresholded mean
+
+
+def test_explicit_files_and_a_single_flair_file(converted, tmp_path, capsys):
+    from tumorseg.prediction import _patient_name
+
+    assert _patient_name(converted / f"{PATIENT}_flair.nii.gz") == PATIENT
+    files = NiftiFiles("given", flair=converted / f"{PATIENT}_flair.nii.gz", post=converted / f"{PATIENT}_t1ce.nii.gz")
+    patient = read_nifti_patient(files)
+    assert patient.filled == ["pre-contrast"]
+    assert np.array_equal(patient.volume[..., 0], patient.volume[..., 1])
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _bad_cases(converted: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    flair = nib.load(str(converted / f"{PATIENT}_flair.nii.gz"))
+    data = np.asarray(flair.dataobj)
+    cases = {}
+    four = _save(nib.Nifti1Image(np.stack([data, data], -1), flair.affine), tmp / "four_flair.nii.gz")
+    cases["4-D"] = ([str(four)], "is a 4-D series")
+    two = _save(nib.Nifti1Image(data[..., 0], flair.affine[:3, :3].copy() if False else np.eye(4)), tmp / "two.nii.gz")
+    cases["2-D"] = ([str(two)], "is 2-D")
+    fake = tmp / "fake.nii.gz"
+    fake.write_bytes(gzip.compress(b"this is not a nifti file at all" * 20))
+    cases["not NIfTI"] = ([str(fake)], "not a readable NIfTI file")
+    cut = tmp / "cut.nii.gz"
+    cut.write_bytes((converted / f"{PATIENT}_flair.nii.gz").read_bytes()[:600])
+    cases["truncated"] = ([str(cut)], "not a readable NIfTI file")
+    nan = data.astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    cases["NaN"] = ([str(_save(nib.Nifti1Image(nan, flair.affine), tmp / "nan.nii.gz"))], "has 1 NaN voxels")
+    grids = tmp / "grids"
+    grids.mkdir()
+    _save(flair, grids / "g_flair.nii.gz")
+    _save(nib.Nifti1Image(data[:-2], flair.affine), grids / "g_t1.nii.gz")
+    cases["grids"] = ([str(grids)], "are on different grids")
+    shifted = tmp / "shifted"
+    shifted.mkdir()
+    _save(flair, shifted / "s_flair.nii.gz")
+    moved = flair.affine.copy()
+    moved[0, 3] += 5.0
+    _save(nib.Nifti1Image(data, moved), shifted / "s_t1ce.nii.gz")
+    cases["affine"] = ([str(shifted)], "are on different grids")
+    twice = tmp / "twice"
+    twice.mkdir()
+    _save(flair, twice / "a_flair.nii.gz")
+    _save(flair, twice / "b_flair.nii.gz")
+    cases["two FLAIR"] = ([str(twice)], "2 files for FLAIR")
+    noflair = tmp / "noflair"
+    noflair.mkdir()
+    _save(flair, noflair / "n_t1.nii.gz")
+    cases["no FLAIR"] = ([str(noflair)], "no FLAIR volume")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["4-D", "2-D", "not NIfTI", "truncated", "NaN", "grids", "affine", "two FLAIR",
+                                  "no FLAIR"])
+def test_bad_nifti_input_gets_one_line_and_writes_nothing(converted, tmp_path, capsys, case):
+    args, message = _bad_cases(converted, tmp_path)[case]
+    out = tmp_path / "out"
+    code = main(["predict", *args, "--out", str(out), "--checkpoint", str(_checkpoint(tmp_path)),
+                 "--engine", "torch", "--precision", "fp32", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() or not any(p.is_dir() for p in out.iterdir())
+
+
+def test_a_label_on_another_grid_is_refused(converted, tmp_path):
+    seg = nib.load(str(converted / f"{PATIENT}_seg.nii.gz"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in converted.iterdir():
+        if "seg" not in f.name:
+            _save(nib.load(str(f)), bad / f.name)
+    _save(nib.Nifti1Image(np.asarray(seg.dataobj)[:, :-1], seg.affine), bad / f"{PATIENT}_seg.nii.gz")
+    with pytest.raises(DataError, match="label .* is on another grid"):
+        read_nifti_patient(find_sequences(bad))
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    from tumorseg.checkpoint import Checkpoint, save_checkpoint
+
+    path = tmp_path / "tiny.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        save_checkpoint(path, Checkpoint.of_model(UNet(n_features=4, depth=3).eval()))
+    return path
+
+
+def test_convert_cli(kaggle, tmp_path, capsys):
+    assert main(["convert", str(kaggle.root), "--out", str(tmp_path / "nii"), "--spacing", "3", "0.5", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "3 patients written" in out
+    img = nib.load(str(tmp_path / "nii" / PATIENT / f"{PATIENT}_flair.nii.gz"))
+    assert img.header.get_zooms() == (0.5, 0.5, 3.0)
+    assert list(itertools.islice(sorted((tmp_path / "nii").iterdir()), 1))[0].name == "PAT_A_2001"
