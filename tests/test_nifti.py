@@ -33,8 +33,14 @@ PATIENT = "PAT_A_2001"
 
 
 def unet_predictor() -> Predictor:
+    """A random U-Net (a function of the whole slice, not of single pixels), with the last
+    bias set so that about a third of the pixels come out as tumour."""
     torch.manual_seed(0)
-    return Predictor([UNet(n_features=4, depth=3).eval()], device="cpu", precision="fp32", channels_last=False)
+    model = UNet(n_features=4, depth=3).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, 32, 32))
+        model.layers[-1].bias -= torch.quantile(logits, 0.67)
+    return Predictor([model], device="cpu", precision="fp32", channels_last=False)
 
 
 def flair_predictor() -> Predictor:
@@ -63,7 +69,7 @@ def test_conversion_round_trip_is_voxel_exact(kaggle, converted):
     patient = read_nifti_patient(files)
     assert np.array_equal(patient.volume, kaggle.images[PATIENT].astype(np.float32))
     assert np.array_equal(patient.label, kaggle.masks[PATIENT] > 0)
-    assert patient.grid.spacing == (2.0, TRAINING_SPACING, TRAINING_SPACING) and patient.filled == []
+    assert patient.grid.spacing == pytest.approx((2.0, TRAINING_SPACING, TRAINING_SPACING)) and patient.filled == []
     assert nib.aff2axcodes(nib.load(str(files.flair)).affine) == ("L", "P", "S")
 
 
@@ -108,9 +114,9 @@ def test_any_voxel_order_gives_the_same_physical_mask(converted, tmp_path, codes
     predict([moved], tmp_path / "out", predictor=predictor, show_progress=False)
     out = nib.load(str(tmp_path / "out" / PATIENT / f"{PATIENT}_pred.nii.gz"))
     flair = nib.load(str(moved / f"{PATIENT}_flair.nii.gz"))
-    assert out.shape == flair.shape and np.allclose(out.affine, flair.affine)
+    assert out.shape == flair.shape and np.allclose(out.affine, flair.affine, atol=1e-4)
     back = out.as_reoriented(ornt_transform(io_orientation(out.affine), io_orientation(ref.affine)))
-    assert np.allclose(back.affine, ref.affine)
+    assert np.allclose(back.affine, ref.affine, atol=1e-4)
     assert np.array_equal(np.asarray(back.dataobj), np.asarray(ref.dataobj))
 
 
@@ -171,7 +177,7 @@ def _bad_cases(converted: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     cases = {}
     four = _save(nib.Nifti1Image(np.stack([data, data], -1), flair.affine), tmp / "four_flair.nii.gz")
     cases["4-D"] = ([str(four)], "is a 4-D series")
-    two = _save(nib.Nifti1Image(data[..., 0], flair.affine[:3, :3].copy() if False else np.eye(4)), tmp / "two.nii.gz")
+    two = _save(nib.Nifti1Image(data[..., 0], np.eye(4)), tmp / "two.nii.gz")
     cases["2-D"] = ([str(two)], "is 2-D")
     fake = tmp / "fake.nii.gz"
     fake.write_bytes(gzip.compress(b"this is not a nifti file at all" * 20))

@@ -119,9 +119,9 @@ def test_single_files_and_mixed_inputs(kaggle, inputs):
         (lambda t: t / "missing", "{p} does not exist; pass a patient folder, a folder of slices or .tif/.png files"),
         (lambda t: t / "missing.tif",
          "{p} does not exist; pass a patient folder, a folder of slices or .tif/.png files"),
-        (lambda t: _write(t / "notes.txt", b"text"), "{p}: not a slice image; expected .tif, .tiff or .png"),
-        (lambda t: _write(t / "scan.jpg", b"jpeg"), "{p}: not a slice image; expected .tif, .tiff or .png"),
-        (lambda t: _mkdir(t / "empty"), "{p} holds no .tif/.png slices and no patient folders"),
+        (lambda t: _write(t / "notes.txt", b"text"), "{p}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii or .nii.gz"),
+        (lambda t: _write(t / "scan.jpg", b"jpeg"), "{p}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii or .nii.gz"),
+        (lambda t: _mkdir(t / "empty"), "{p} holds no .tif/.png slices, no NIfTI volumes and no patient folders"),
     ],
 )
 def test_collect_volumes_errors(make, message, tmp_path):
@@ -174,8 +174,8 @@ def test_predict_writes_masks_and_summary(inputs, tmp_path):
 
     assert summaries == [VolumeSummary("scan", 3, 2, 7), VolumeSummary("single", 1, 1, 4)]
     assert read_summary(out / "summary.csv") == [
-        ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels"],
-        ["scan", "3", "2", "7", "0"], ["single", "1", "1", "4", "0"]]
+        ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels", "volume_ml"],
+        ["scan", "3", "2", "7", "0", ""], ["single", "1", "1", "4", "0", ""]]  # no spacing: no mL
     assert sorted(p.name for p in out.iterdir()) == ["scan", "single", "summary.csv"]
     assert sorted(p.name for p in (out / "scan").iterdir()) == ["scan_10_pred.png", "scan_1_pred.png",
                                                                 "scan_2_pred.png"]
@@ -253,7 +253,7 @@ def test_concurrent_summary_merges_lose_no_row(tmp_path):
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         pool.map(_merge_many, [(str(path), p, 40) for p in ("a", "b", "c")])
     rows = read_summary(path)
-    assert rows[0] == ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels"]
+    assert rows[0] == ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels", "volume_ml"]
     assert [r[0] for r in rows[1:]] == sorted(f"{p}{i:03d}" for p in "abc" for i in range(40))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
 

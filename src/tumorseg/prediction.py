@@ -6,11 +6,19 @@ Inputs and normalisation:
   volume, as in training;
 - a kaggle_3m folder holding patient folders: one volume per patient;
 - a single slice file: a volume of one slice, normalised with the percentiles of that
-  slice alone (less stable than a whole volume: pass the folder when you have it).
+  slice alone (less stable than a whole volume: pass the folder when you have it);
+- a NIfTI patient: a folder of .nii/.nii.gz sequences named by the common conventions, a
+  folder of such folders, a FLAIR .nii/.nii.gz alone, or files named explicitly
+  (`NiftiFiles`); reoriented and, when its in-plane spacing is far from the training
+  data's, resampled for the model (see `data.nifti`).
 
 Outputs, per input slice `<name>.tif`: `<out>/<volume>/<name>_pred.png` (0/255 mask)
-and, with overlay, `<name>_overlay.png`; `<out>/summary.csv` lists per volume the slices,
-tumour slices, tumour volume in pixels, and the pixels above the threshold that
+and, with overlay, `<name>_overlay.png`; per NIfTI patient `<out>/<name>/<name>_pred.nii.gz`
+(uint8 0/1 with the input's affine, shape and header geometry) and, with overlay, a PNG
+per tumour slice; with save_probabilities, the probability map (`_prob.nii.gz` or
+`_prob.png`) and for an ensemble its spread across the models (`_prob_spread`).
+`<out>/summary.csv` lists per volume the slices, tumour slices, tumour volume in pixels
+and in mL (NIfTI input: from the voxel size), and the pixels above the threshold that
 post-processing removed (a lost focus is never silent). A run adds its volumes' rows to an existing
 summary.csv (replacing the rows of volumes predicted again) and never drops other rows,
 also when several runs write into one folder at once.
