@@ -113,14 +113,17 @@ def test_single_files_and_mixed_inputs(kaggle, inputs):
     assert [v.name for v in collect_volumes([scan, single, one])] == ["scan", "single", "PAT_A_2001_3"]
 
 
+NOT_AN_IMAGE = "{p}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii or .nii.gz"
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda t: t / "missing", "{p} does not exist; pass a patient folder, a folder of slices or .tif/.png files"),
         (lambda t: t / "missing.tif",
          "{p} does not exist; pass a patient folder, a folder of slices or .tif/.png files"),
-        (lambda t: _write(t / "notes.txt", b"text"), "{p}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii or .nii.gz"),
-        (lambda t: _write(t / "scan.jpg", b"jpeg"), "{p}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii or .nii.gz"),
+        (lambda t: _write(t / "notes.txt", b"text"), NOT_AN_IMAGE),
+        (lambda t: _write(t / "scan.jpg", b"jpeg"), NOT_AN_IMAGE),
         (lambda t: _mkdir(t / "empty"), "{p} holds no .tif/.png slices, no NIfTI volumes and no patient folders"),
     ],
 )
