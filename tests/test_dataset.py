@@ -148,14 +148,23 @@ def test_slice_arrays_helpers(cache, kaggle):
     assert expected == [False, True, False, True, False] * 2
 
 
-def test_slice_arrays_reject_unlabelled_and_mixed_sizes(make_kaggle, tmp_path):
+def test_slice_arrays_pad_mixed_sizes_to_normalised_zero(make_kaggle, tmp_path):
     a = make_kaggle(name="a", patients={"PAT_A_1": 2}, size=(32, 32), strays=False)
-    b = make_kaggle(name="b", patients={"PAT_B_1": 2}, size=(24, 32), strays=False)
+    b = make_kaggle(name="b", patients={"PAT_B_1": 2}, size=(24, 30), strays=False)
     (b.root / "PAT_B_1").rename(a.root / "PAT_B_1")
     cache = prepare(a.root, tmp_path / "cache", progress=False)
-    with pytest.raises(DataError, match=r"different slice sizes \[\(24, 32\), \(32, 32\)\]"):
-        load_arrays(cache, ["PAT_A_1", "PAT_B_1"])
-    assert len(load_arrays(cache, ["PAT_B_1"])) == 2
+    arrays = load_arrays(cache, ["PAT_A_1", "PAT_B_1"])
+    assert arrays.images.shape == (4, 3, 32, 32) and arrays.masks.shape == (4, 1, 32, 32)
+    alone = load_arrays(cache, ["PAT_B_1"])
+    assert alone.images.shape == (2, 3, 24, 30)
+    x, y = arrays.batch(torch.tensor([2, 3]))
+    x_alone, y_alone = alone.batch(torch.tensor([0, 1]))
+    assert torch.equal(x[:, :, :24, :30], x_alone) and torch.equal(y[:, :, :24, :30], y_alone)
+    assert not x[:, :, 24:].any() and not x[:, :, :, 30:].any()  # padding normalises to 0
+    assert not y[:, :, 24:].any() and not y[:, :, :, 30:].any()
+
+
+def test_slice_arrays_reject_unlabelled(make_kaggle, tmp_path):
     u = make_kaggle(name="u", patients={"PAT_U_1": 2}, strays=False)
     for n in (1, 2):
         u.mask_path("PAT_U_1", n).unlink()

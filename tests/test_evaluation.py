@@ -93,7 +93,7 @@ def test_everything_tumour(kaggle, cache, tmp_path):
 
     assert {k: v for k, v in report.items() if k not in ("summary", "patients")} == {
         "checkpoint": "all-tumour", "checkpoint_kind": "tumorseg", "models": 1, "engine": "torch", "threshold": 0.5,
-        "postprocess": "none", "tta": False, "precision": "fp32", "channels": list(CHANNELS),
+        "postprocess": "none", "tta": False, "precision": "fp32", "channels": list(CHANNELS), "spacing": None,
         "empty_mask_rule": EMPTY_MASK_RULE,
     }
     expected, tumour_slice_dices = [], []
@@ -119,6 +119,7 @@ def test_everything_tumour(kaggle, cache, tmp_path):
         "precision_mean": pytest.approx(np.mean([e["precision"] for e in expected]), rel=1e-12),
         "recall_mean": 1.0,
         "hd95_mean": pytest.approx(np.mean([r["hd95"] for r in records]), rel=1e-12),
+        "hd95_mm_mean": None,  # kaggle_3m without --spacing: no mm
         "tumor_slice_dice_mean": pytest.approx(np.mean(tumour_slice_dices), rel=1e-12),
         "empty_slice_fp_rate": 1.0,  # every tumour-free slice has predicted pixels
     }
@@ -155,7 +156,7 @@ def test_nothing_predicted_follows_the_empty_mask_rule(make_kaggle, tmp_path):
         "patients": 2, "dice_mean": 0.5, "dice_median": 0.5, "dice_std": 0.5, "iou_mean": 0.5,
         "precision_mean": 0.5, "recall_mean": 0.5,
         "hd95_mean": 0.0,  # PAT_A's undefined HD95 is left out of the mean
-        "tumor_slice_dice_mean": 0.0, "empty_slice_fp_rate": 0.0,
+        "hd95_mm_mean": None, "tumor_slice_dice_mean": 0.0, "empty_slice_fp_rate": 0.0,
     }
     _, rows = read_csv(out / "per_patient.csv")
     assert [(r["patient"], r["dice"], r["hd95"]) for r in rows] == [("PAT_A_2001", "0.0", ""),

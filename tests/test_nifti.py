@@ -160,9 +160,9 @@ def test_save_probabilities_of_an_ensemble_writes_the_mean_and_the_spread(conver
 
 
 def test_explicit_files_and_a_single_flair_file(converted, tmp_path, capsys):
-    from tumorseg.prediction import _patient_name
+    from tumorseg.data.nifti import patient_name
 
-    assert _patient_name(converted / f"{PATIENT}_flair.nii.gz") == PATIENT
+    assert patient_name(converted / f"{PATIENT}_flair.nii.gz") == PATIENT
     files = NiftiFiles("given", flair=converted / f"{PATIENT}_flair.nii.gz", post=converted / f"{PATIENT}_t1ce.nii.gz")
     patient = read_nifti_patient(files)
     assert patient.filled == ["pre-contrast"]
@@ -253,3 +253,39 @@ def test_convert_cli(kaggle, tmp_path, capsys):
     img = nib.load(str(tmp_path / "nii" / PATIENT / f"{PATIENT}_flair.nii.gz"))
     assert img.header.get_zooms() == (0.5, 0.5, 3.0)
     assert list(itertools.islice(sorted((tmp_path / "nii").iterdir()), 1))[0].name == "PAT_A_2001"
+
+
+def test_convert_back_to_tiff_gives_the_kaggle_folder_file_for_file(kaggle, tmp_path, capsys):
+    from tumorseg.data.kaggle import read_patient
+
+    assert main(["convert", str(kaggle.root), "--out", str(tmp_path / "nii")]) == 0
+    assert main(["convert", str(tmp_path / "nii"), "--out", str(tmp_path / "back")]) == 0
+    assert "3 patients written to" in capsys.readouterr().out
+    for patient in kaggle.images:
+        original = sorted(p.name for p in (kaggle.root / patient).iterdir() if p.suffix == ".tif" and p.name[0] != ".")
+        assert sorted(p.name for p in (tmp_path / "back" / patient).iterdir()) == original
+        numbers, images, masks = read_patient(tmp_path / "back" / patient)
+        assert numbers == kaggle.slices[patient]
+        assert np.array_equal(images, kaggle.images[patient]) and np.array_equal(masks, kaggle.masks[patient])
+
+
+def test_convert_back_scales_other_intensities_to_8_bits_with_a_warning(tmp_path, caplog):
+    from tumorseg.data.nifti import nifti_to_kaggle
+    from tumorseg.data.slices import read_image
+
+    flair = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4) * 100 - 500  # -500 .. 2600
+    folder = tmp_path / "p"
+    folder.mkdir()
+    _save(nib.Nifti1Image(np.ascontiguousarray(flair.transpose(2, 1, 0)).astype(np.int16), kaggle_affine((1, 1, 1))),
+          folder / "p_flair.nii.gz")
+    written = nifti_to_kaggle(find_sequences(folder), tmp_path / "out")
+    assert [p.name for p in written] == ["p_1.tif", "p_2.tif"]
+    assert "scaled to 8 bits for the TIFFs (pre-contrast -500..2600" in caplog.text
+    first = read_image(written[0])
+    assert first[0, 0, 1] == 0 and read_image(written[1])[3, 3, 1] == 255
+    assert np.array_equal(first[..., 0], first[..., 1])  # FLAIR filled in
+
+
+def test_convert_refuses_mixed_inputs(kaggle, converted, tmp_path, capsys):
+    assert main(["convert", str(kaggle.root / "PAT_B_2002"), str(converted), "--out", str(tmp_path / "x")]) == 2
+    assert "mix kaggle_3m and NIfTI" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tumorseg.data.slices import mask_png, read_image, read_mask, read_volume, slice_images, write_png
+from tumorseg.data.slices import read_image, read_mask, read_volume, slice_images, write_image, write_mask
 from tumorseg.errors import DataError
 
 SQUARE = np.zeros((8, 8), dtype=bool)
@@ -40,11 +40,11 @@ def test_read_image_of_missing_file(tmp_path):
 
 def test_write_png_and_mask_png_round_trip(tmp_path: Path) -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
-    write_png(tmp_path / "rgb" / "a.png", rgb)
+    write_image(tmp_path / "rgb" / "a.png", rgb)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "rgb" / "a.png")), rgb)
     assert sorted(p.name for p in (tmp_path / "rgb").iterdir()) == ["a.png"]
 
-    mask_png(tmp_path / "m.png", SQUARE)
+    write_mask(tmp_path / "m.png", SQUARE)
     m = Image.open(tmp_path / "m.png")
     assert m.mode == "L"
     np.testing.assert_array_equal(np.asarray(m), np.where(SQUARE, 255, 0))
@@ -52,7 +52,7 @@ def test_write_png_and_mask_png_round_trip(tmp_path: Path) -> None:
 
 def test_write_png_rejects_float(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="uint8"):
-        write_png(tmp_path / "x.png", np.zeros((4, 4, 3)))
+        write_image(tmp_path / "x.png", np.zeros((4, 4, 3)))
     assert list(tmp_path.iterdir()) == []
 
 

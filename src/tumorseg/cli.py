@@ -17,6 +17,7 @@ from tumorseg.config import (
     PRECISION_CHOICES,
     PRESETS,
     InferenceConfig,
+    ServeConfig,
     TrainConfig,
     field_help,
     merge_layers,
@@ -77,6 +78,34 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
 
 
+DATA_HELP = "kaggle_3m folder, a folder of NIfTI patient folders (or one), or a prepared cache"
+
+
+def _add_nifti_file_args(p: argparse.ArgumentParser, command: str) -> None:
+    """--flair/--t1/--t1c/--name (and --mask for evaluate): one NIfTI patient by its files."""
+    p.add_argument("--flair", default=None, metavar="NII", help="a NIfTI patient by its files: FLAIR (required)")
+    p.add_argument("--t1", default=None, metavar="NII", help="T1 before contrast (default: FLAIR in its place)")
+    p.add_argument("--t1c", default=None, metavar="NII", help="T1 after contrast (default: FLAIR in its place)")
+    if command == "evaluate":
+        p.add_argument("--mask", default=None, metavar="NII",
+                       help="the --flair patient's label (any non-zero voxel is tumour) (required with --flair)")
+    p.add_argument("--name", default=None, help="name of the --flair patient (default: from the file name)")
+
+
+def _nifti_files(a: argparse.Namespace):
+    """The NiftiFiles named by --flair/--t1/--t1c(/--mask)/--name, or None."""
+    from tumorseg.data.nifti import NiftiFiles, patient_name
+
+    mask = getattr(a, "mask", None)
+    if not a.flair:
+        if a.t1 or a.t1c or a.name or mask:
+            given = [o for o, v in (("--t1", a.t1), ("--t1c", a.t1c), ("--mask", mask), ("--name", a.name)) if v]
+            raise TumorsegError(f"{', '.join(given)} describe a --flair patient; pass --flair too")
+        return None
+    return NiftiFiles(a.name or patient_name(Path(a.flair)), flair=Path(a.flair), pre=Path(a.t1) if a.t1 else None,
+                      post=Path(a.t1c) if a.t1c else None, label=Path(mask) if mask else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tumorseg import __version__
 
@@ -87,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tumorseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="decode a kaggle_3m folder into a cache (run once)",
-                       description="Decode the TIFFs of a kaggle_3m folder once into a cache of raw "
-                                   "uint8 arrays with per-patient normalisation statistics. Other "
-                                   "commands do this automatically when given the raw folder.")
-    p.add_argument("raw_dir", help="the kaggle_3m folder (or the folder holding it)")
+    p = sub.add_parser("prepare", help="decode a kaggle_3m or NIfTI folder into a cache (run once)",
+                       description="Decode the TIFFs of a kaggle_3m folder (or the volumes of a folder of NIfTI "
+                                   "patients) once into a cache of raw arrays with per-patient normalisation "
+                                   "statistics. Other commands do this automatically when given the raw folder.")
+    p.add_argument("raw_dir", help="the kaggle_3m folder (or the folder holding it), or a folder of NIfTI patients")
     p.add_argument("--out", default=None,
                    help="cache folder (default: $TUMORSEG_CACHE or ~/.cache/tumorseg, "
                         "/<name>-<hash of the path>)")
@@ -100,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a U-Net",
                        description="Train a U-Net on one fold of a patient-level split. Settings "
                                    "come from the preset, then --config, then the options below.")
-    p.add_argument("--data", required=False, help="kaggle_3m folder or a prepared cache (required unless --resume)")
+    p.add_argument("--data", required=False, help=f"{DATA_HELP} (required unless --resume)")
     p.add_argument("--config", default=None, help="JSON/TOML/YAML file of config fields (default: none)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="seed = the original recipe; default = tumorseg's recipe (default: default)")
@@ -121,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the fold model that never saw it, and choose the threshold and "
                                    "post-processing on those out-of-fold predictions; writes RUN/crossval/. "
                                    "Run it again to continue an interrupted cross-validation.")
-    p.add_argument("--data", required=True, help="kaggle_3m folder or a prepared cache (required)")
+    p.add_argument("--data", required=True, help=f"{DATA_HELP} (required)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (required)")
     p.add_argument("--config", default=None, help="JSON/TOML/YAML file of config fields (default: none)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -161,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-patient scores and a report on labelled data",
                        description="Score a model on labelled patients: per-patient Dice, IoU, "
-                                   "precision, recall, HD95; report.json, per_patient.csv and plots.")
-    p.add_argument("--data", required=True, help="kaggle_3m folder or a prepared cache (required)")
+                                   "precision, recall, HD95 (in mm too for NIfTI data or with --spacing); "
+                                   "report.json, per_patient.csv and plots. In a NIfTI label any non-zero "
+                                   "voxel is tumour.")
+    p.add_argument("--data", default=None,
+                   help=f"{DATA_HELP} (required unless --flair and --mask name one NIfTI patient)")
+    _add_nifti_file_args(p, "evaluate")
     p.add_argument("--out", default="report", help="report folder (default: report)")
     p.add_argument("--split", default=None,
                    help="splits.json of a run: evaluate only its held-out patients (default: all patients)")
@@ -170,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --split: evaluate the validation patients of this fold "
                         "(default: the split's test patients)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                   help="voxel spacing in mm to also report HD95 in mm (default: pixels only)")
+                   help="voxel spacing in mm (between slices, rows, columns) for HD95 in mm, overriding the NIfTI "
+                        "headers (default: the headers' for NIfTI, none for kaggle_3m: HD95 in pixels only)")
     _add_common_model_args(p)
 
     p = sub.add_parser("predict", help="tumour masks for new images (no masks needed)",
@@ -180,10 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="patient folder (kaggle_3m slices or NIfTI files), folder of slices or of patients, slice "
                         "files, or a FLAIR .nii/.nii.gz")
-    p.add_argument("--flair", default=None, metavar="NII", help="a NIfTI patient by its files: FLAIR (required)")
-    p.add_argument("--t1", default=None, metavar="NII", help="T1 before contrast (default: FLAIR in its place)")
-    p.add_argument("--t1c", default=None, metavar="NII", help="T1 after contrast (default: FLAIR in its place)")
-    p.add_argument("--name", default=None, help="output name of the --flair patient (default: from the file name)")
+    _add_nifti_file_args(p, "predict")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write the probability map (NIfTI, or PNG per slice), and for an ensemble the "
                         "spread across its models (default: off)")
@@ -193,35 +224,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"slices per forward pass (default: {BATCH_SIZE})")
     _add_common_model_args(p)
 
-    p = sub.add_parser("convert", help="kaggle_3m patient folders to NIfTI (for ITK-SNAP, 3D Slicer, nibabel)",
+    p = sub.add_parser("convert", help="kaggle_3m patients to NIfTI (for ITK-SNAP, 3D Slicer, nibabel), or back",
                        description="Write each kaggle_3m patient folder as NIfTI volumes OUT/<patient>/<patient>_"
                                    "{t1,flair,t1ce,seg}.nii.gz: the TIFF values unchanged (uint8), the mask as 0/1, "
-                                   "LPS voxel order. The TIFFs carry no spacing: --spacing sets it.")
-    p.add_argument("inputs", nargs="+", metavar="PATIENT", help="kaggle_3m patient folders, or a kaggle_3m folder")
+                                   "LPS voxel order. The TIFFs carry no spacing: --spacing sets it. Given NIfTI "
+                                   "patient folders instead, writes them as kaggle_3m folders of TIFF slices "
+                                   "(axial, in the training layout; values outside 0-255 scaled to 8 bits).")
+    p.add_argument("inputs", nargs="+", metavar="PATIENT",
+                   help="kaggle_3m patient folders or a kaggle_3m folder; or NIfTI patient folders or a folder of them")
     p.add_argument("--out", required=True, help="output folder (required)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                   help="mm between slices, rows and columns (default: 1.0 0.94 0.94, an assumption)")
+                   help="to NIfTI: mm between slices, rows and columns (default: 1.0 0.94 0.94, an assumption)")
+    p = sub.add_parser("serve", help="a local web app: upload a patient, see the mask over the slices",
+                       description="Serve a web page (and a JSON API, documented at /docs) that segments an uploaded "
+                                   "patient with one model loaded once, and shows the slices with the mask over them "
+                                   "in the niivue viewer. Listens on 127.0.0.1 only unless --host says otherwise.")
+    for f in dataclasses.fields(ServeConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"serve_{f.name}", type=type(f.default),
+                       default=f.default, help=f"{field_help(ServeConfig, f.name)} (default: {f.default})")
+    p.add_argument("--work-dir", default=None,
+                   help="folder for the jobs' files, deleted at shutdown (default: a new temporary folder)")
+    _add_common_model_args(p)
     return parser
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
     from tumorseg.data.kaggle import find_patient_dirs, is_patient_dir
-    from tumorseg.data.nifti import DEFAULT_SPACING, kaggle_to_nifti
+    from tumorseg.data.nifti import DEFAULT_SPACING, find_nifti_patients, kaggle_to_nifti, nifti_to_kaggle
     from tumorseg.evaluation import check_spacing
     from tumorseg.fileio import check_output_dir
 
     spacing = check_spacing(a.spacing) or DEFAULT_SPACING
     out = check_output_dir(a.out)
-    patients = []
+    kaggle, nifti = [], []
     for raw in a.inputs:
         path = Path(raw)
         if not path.is_dir():
-            raise TumorsegError(f"{path} is not a folder; pass kaggle_3m patient folders or a kaggle_3m folder")
-        patients += [path] if is_patient_dir(path) else find_patient_dirs(path)
-    for patient in patients:
+            raise TumorsegError(f"{path} is not a folder; pass kaggle_3m patient folders or a kaggle_3m folder, "
+                                "or NIfTI patient folders")
+        found = find_nifti_patients(path)
+        if found:
+            nifti += found
+        else:
+            kaggle += [path] if is_patient_dir(path) else find_patient_dirs(path)
+    if kaggle and nifti:
+        raise TumorsegError("the inputs mix kaggle_3m and NIfTI patients; convert one kind at a time")
+    if nifti and a.spacing is not None:
+        raise TumorsegError("--spacing sets the spacing of NIfTI written from TIFFs; NIfTI to TIFF keeps none, drop it")
+    for patient in kaggle:
         written = kaggle_to_nifti(patient, out, spacing)
         print(f"{patient.name}: {', '.join(p.name for p in written)}")
-    print(f"{len(patients)} patients written to {out}/ (spacing {spacing[0]} x {spacing[1]} x {spacing[2]} mm)")
+    for files in nifti:
+        written = nifti_to_kaggle(files, out)
+        print(f"{files.name}: {sum(not p.stem.endswith('_mask') for p in written)} slices")
+    if kaggle:
+        print(f"{len(kaggle)} patients written to {out}/ (spacing {spacing[0]} x {spacing[1]} x {spacing[2]} mm)")
+    else:
+        print(f"{len(nifti)} patients written to {out}/ as kaggle_3m folders")
     return 0
 
 
@@ -305,13 +364,24 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from tumorseg.data.cache import open_data
+    import tempfile
+
+    from tumorseg.data.cache import nifti_source, open_data, prepare
     from tumorseg.data.splits import held_out_patients
     from tumorseg.evaluation import check_spacing, evaluate
     from tumorseg.fileio import check_output_dir
 
     if a.fold is not None and not a.split:
         raise TumorsegError("--fold needs --split (the splits.json of a run)")
+    files = _nifti_files(a)
+    if files is not None and (a.data or a.split):
+        raise TumorsegError("--flair names one patient to evaluate; drop --data and --split, or evaluate a "
+                            "folder of NIfTI patients with --data")
+    if files is None and not a.data:
+        raise TumorsegError("--data is required (a kaggle_3m folder, a folder of NIfTI patients or a cache), or "
+                            "name one NIfTI patient with --flair ... --mask ...")
+    if files is not None and files.label is None:
+        raise TumorsegError("--flair needs --mask, the label to score against (for no label use `tumorseg predict`)")
     check_spacing(a.spacing)
     check_output_dir(a.out)
     patients = held_out_patients(a.split, a.fold) if a.split else None
@@ -319,27 +389,28 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoints(a.checkpoint, threshold=a.threshold, postprocess=a.postprocess,
                                            tta=a.tta, device=a.device, precision=a.precision,
                                            engine=a.engine)
-    cache = open_data(a.data, progress=not a.no_progress)
-    report = evaluate(cache, a.out, predictor=predictor, patients=patients, spacing=a.spacing,
-                      show_progress=not a.no_progress)
+    with tempfile.TemporaryDirectory(prefix="tumorseg-evaluate-") as scratch:
+        if files is not None:  # one patient, decoded into a throwaway cache
+            cache = prepare(files.flair.parent, Path(scratch), sources=[nifti_source(files, require_masks=True)],
+                            progress=False)
+        else:
+            cache = open_data(a.data, progress=not a.no_progress)
+        report = evaluate(cache, a.out, predictor=predictor, patients=patients, spacing=a.spacing,
+                          show_progress=not a.no_progress)
     s = {k: ("n/a" if v is None else f"{v:.4f}") for k, v in report["summary"].items() if k != "patients"}
-    print(f"{report['summary']['patients']} patients: per-patient Dice mean {s['dice_mean']} median "
-          f"{s['dice_median']} (std {s['dice_std']}); IoU {s['iou_mean']}; HD95 {s['hd95_mean']} px; "
+    mm = f" ({s['hd95_mm_mean']} mm)" if report["summary"]["hd95_mm_mean"] is not None else ""
+    n = report["summary"]["patients"]
+    print(f"{n} patient{'s' if n != 1 else ''}: per-patient Dice mean {s['dice_mean']} median "
+          f"{s['dice_median']} (std {s['dice_std']}); IoU {s['iou_mean']}; HD95 {s['hd95_mean']} px{mm}; "
           f"tumour-slice Dice {s['tumor_slice_dice_mean']}; empty-slice FP rate {s['empty_slice_fp_rate']}")
     print(f"report: {Path(a.out) / 'report.json'}")
     return 0
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from tumorseg.data.nifti import NiftiFiles
-    from tumorseg.prediction import _patient_name, predict
+    from tumorseg.prediction import predict
 
-    nifti = None
-    if a.flair:
-        nifti = NiftiFiles(a.name or _patient_name(Path(a.flair)), flair=Path(a.flair),
-                           pre=Path(a.t1) if a.t1 else None, post=Path(a.t1c) if a.t1c else None)
-    elif a.t1 or a.t1c or a.name:
-        raise TumorsegError("--t1, --t1c and --name describe a --flair patient; pass --flair too")
+    nifti = _nifti_files(a)
     summaries = predict(a.inputs, a.out, checkpoint=a.checkpoint, threshold=a.threshold,
                         postprocess=a.postprocess, overlay=a.overlay, tta=a.tta, precision=a.precision,
                         device=a.device, engine=a.engine, batch_size=a.batch_size, show_progress=not a.no_progress,
@@ -354,8 +425,43 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import socket
+
+    try:
+        import uvicorn
+
+        from tumorseg.serve.app import create_app
+    except ImportError as e:
+        raise TumorsegError(f"tumorseg serve needs FastAPI and uvicorn ({e.name} is missing); install them with "
+                            "pip install 'tumorseg[serve]'") from None
+    config = ServeConfig(**{f.name: getattr(a, f"serve_{f.name}") for f in dataclasses.fields(ServeConfig)})
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:  # a clear line now, not a traceback later
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as e:
+            raise TumorsegError(f"cannot listen on {config.host}:{config.port} ({e.strerror or e}); pass another "
+                                "--port (or --host)") from None
+    if config.host not in LOOPBACK:
+        warnings.warn(f"listening on {config.host}: anyone who can reach this computer on port {config.port} can "
+                      "upload scans and read results; there is no login", stacklevel=1)
+    predictor = Predictor.from_checkpoints(a.checkpoint, threshold=a.threshold, postprocess=a.postprocess,
+                                           tta=a.tta, device=a.device, precision=a.precision, engine=a.engine)
+    app = create_app(predictor, config, a.work_dir)
+    shown = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"tumorseg serve: model {predictor.source} on {predictor.engine.name}; open http://{shown}:{config.port}/ "
+          "in a browser (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
 COMMANDS = {"prepare": _cmd_prepare, "convert": _cmd_convert, "train": _cmd_train, "crossval": _cmd_crossval,
-            "export": _cmd_export, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+            "export": _cmd_export, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "serve": _cmd_serve}
 
 
 class _Lines(logging.Handler):

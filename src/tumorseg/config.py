@@ -7,6 +7,7 @@
 - `InferenceConfig`: how probabilities become a mask (threshold, post-processing, TTA).
   It is inference policy, not part of a training recipe: set when a model is shipped or
   exported, and by the user at the command line.
+- `ServeConfig`: the local web app's address and its limits on uploads and jobs.
 
 Every field carries its help text in `metadata["help"]`; the command line reads it from
 there. `load_config_file` reads JSON, TOML or YAML overrides.
@@ -163,6 +164,36 @@ class InferenceConfig:
     def replace(self, **overrides: Any) -> InferenceConfig:
         """A copy with the overrides that are not None applied (and checked)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`tumorseg serve`: where it listens and the limits it puts on uploads and jobs.
+    Checked on construction.
+
+    Raises:
+        ConfigError: a value out of range.
+    """
+
+    host: str = _field("127.0.0.1", "address to listen on; anything but 127.0.0.1/localhost/::1 exposes the app "
+                                    "to the network")
+    port: int = _field(8000, "TCP port")
+    max_upload_mb: int = _field(300, "largest upload in MB (the request body); larger ones get 413")
+    max_unpacked_mb: int = _field(1024, "largest total size in MB of the files unpacked from a zip")
+    max_files: int = _field(2000, "most files in one upload or zip")
+    workers: int = _field(1, "jobs segmented at once")
+    max_queued: int = _field(8, "jobs waiting or running at once; more get 429")
+    keep_minutes: float = _field(60.0, "minutes a finished job's results are kept before they are deleted")
+
+    def __post_init__(self) -> None:
+        _check([
+            (isinstance(self.port, int) and 0 <= self.port <= 65535, f"port must be in 0-65535, got {self.port!r}"),
+            *((isinstance(getattr(self, n), int) and getattr(self, n) >= 1, f"{n} must be an integer >= 1, got "
+               f"{getattr(self, n)!r}") for n in ("max_upload_mb", "max_unpacked_mb", "max_files", "workers",
+                                                  "max_queued")),
+            (isinstance(self.keep_minutes, (int, float)) and self.keep_minutes > 0,
+             f"keep_minutes must be > 0, got {self.keep_minutes!r}"),
+        ])
 
 
 @dataclass(frozen=True)

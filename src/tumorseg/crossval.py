@@ -32,7 +32,14 @@ from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.splits import Split, load_split, make_split, save_split
 from tumorseg.engine import fit
 from tumorseg.errors import TumorsegError
-from tumorseg.evaluation import ScoredPatient, score_volume, segment_cached, summarize, write_report
+from tumorseg.evaluation import (
+    ScoredPatient,
+    patient_spacing,
+    score_volume,
+    segment_cached,
+    summarize,
+    write_report,
+)
 from tumorseg.fileio import atomic_write, atomic_write_text, check_output_dir, undo_on_failure
 from tumorseg.inference import Predictor
 from tumorseg.metrics import confusion_counts, dice_from_counts
@@ -229,12 +236,11 @@ def crossval(
     for patient, (k, probs) in sorted(oof.items()):
         rec = cache.records[patient]
         scored.append(score_volume(patient, binarize(probs, chosen), truths[patient],
-                                   np.asarray(cache.images(patient)), rec.slices, fold=k))
+                                   np.asarray(cache.images(patient)), rec.slices, patient_spacing(rec), fold=k))
     folds = []
     for k in range(len(split.folds)):
         members = [p for p in scored if p.extra["fold"] == k]
-        s = summarize([p.scores for p in members], [d for p in members for d in p.slice_dices],
-                      sum(p.fp_slices for p in members), sum(p.empty_slices for p in members))
+        s = summarize(members)
         folds.append({"fold": k, "patients": s["patients"], "dice_mean": s["dice_mean"],
                       "dice_median": s["dice_median"]})
     header = {"checkpoint": ", ".join(str(m) for m in models), "checkpoint_kind": "out-of-fold fold models",

@@ -56,8 +56,12 @@ def check_spacing(spacing: Sequence[float] | None) -> tuple[float, float, float]
     return values  # type: ignore[return-value]
 
 
-def summarize(scores: list[PatientScores], tumour_slice_dices: list[float], fp_slices: int,
-              empty_slices: int) -> dict[str, Any]:
+def summarize(scored: list[ScoredPatient]) -> dict[str, Any]:
+    """The summary of a report: means over patients (NaN left out), the Dice of tumour
+    slices pooled over patients, and the rate of tumour-free slices with a prediction."""
+    scores = [p.scores for p in scored]
+    tumour_slice_dices = [d for p in scored for d in p.slice_dices]
+    fp_slices, empty_slices = sum(p.fp_slices for p in scored), sum(p.empty_slices for p in scored)
     d = np.array([s.dice for s in scores])
     return {
         "patients": len(scores),
@@ -68,6 +72,7 @@ def summarize(scores: list[PatientScores], tumour_slice_dices: list[float], fp_s
         "precision_mean": nanmean([s.precision for s in scores]),
         "recall_mean": nanmean([s.recall for s in scores]),
         "hd95_mean": nanmean([s.hd95 for s in scores]),
+        "hd95_mm_mean": nanmean([p.hd95_mm if p.hd95_mm is not None else math.nan for p in scored]),
         "tumor_slice_dice_mean": nanmean(tumour_slice_dices),
         "empty_slice_fp_rate": fp_slices / empty_slices if empty_slices else 0.0,
     }
@@ -95,8 +100,10 @@ def evaluate(
     The model is `predictor`, or `Predictor.from_checkpoints(checkpoint, ...)` (one
     checkpoint, several for an ensemble, or None for the shipped model) with
     threshold/postprocess/tta overriding the stored inference settings. HD95 is in pixels
-    (slice index, row, column, unit steps); `spacing` (mm between slices, rows, columns)
-    adds `hd95_mm`. Returns the report dictionary.
+    (slice index, row, column, unit steps), and also in mm (`hd95_mm`) where the spacing
+    is known: `spacing` (mm between slices, rows, columns) for every patient, else each
+    NIfTI patient's own from its header (kaggle_3m TIFFs carry none). Returns the report
+    dictionary.
 
     Raises:
         TumorsegError: unknown or unlabelled patients, bad settings, an unusable out_dir.
@@ -126,7 +133,8 @@ def evaluate(
         images = np.asarray(cache.images(patient))
         seg = segment_cached(predictor, cache, patient, images)
         truth = np.asarray(cache.masks(patient)) > 0
-        scored.append(score_volume(patient, seg.mask, truth, images, cache.records[patient].slices, spacing))
+        rec = cache.records[patient]
+        scored.append(score_volume(patient, seg.mask, truth, images, rec.slices, spacing or patient_spacing(rec)))
     header = {
         "checkpoint": predictor.source,
         "checkpoint_kind": "ensemble" if predictor.members > 1 else predictor.kind,
@@ -137,8 +145,15 @@ def evaluate(
         "tta": predictor.inference.tta,
         "precision": predictor.precision,
         "channels": list(predictor.channels),
+        "spacing": ("--spacing " + " ".join(f"{v:g}" for v in spacing) if spacing
+                    else "NIfTI headers" if any(cache.records[p].spacing for p in names) else None),
     }
     return write_report(out_dir, header, scored, plots=plots)
+
+
+def patient_spacing(record: Any) -> tuple[float, float, float] | None:
+    """The spacing a cache record knows (NIfTI patients), or None."""
+    return tuple(record.spacing) if record.spacing else None  # type: ignore[return-value]
 
 
 def segment_cached(predictor: Predictor, cache: Cache, patient: str, images: np.ndarray | None = None) -> Segmentation:
@@ -173,7 +188,8 @@ def score_volume(patient: str, pred: np.ndarray, truth: np.ndarray, images: np.n
         mm = hd95(pred, truth, spacing) if not math.isnan(s.hd95) else math.nan
     d, fp, empty = slice_scores(pred, truth)
     k = int(truth.reshape(len(truth), -1).sum(1).argmax())
-    return ScoredPatient(s, d, fp, empty, mm, (s.dice, patient, slice_numbers[k], images[k], truth[k], pred[k]),
+    return ScoredPatient(s, d, fp, empty, mm,
+                         (s.dice, patient, slice_numbers[k], images[k], truth[k], pred[k]),
                          dict(extra))
 
 
@@ -185,8 +201,7 @@ def write_report(out_dir: str | Path, header: dict[str, Any], scored: list[Score
     from tumorseg.plots import plot_dice_distribution, plot_examples
 
     scores = [p.scores for p in scored]
-    summary = summarize(scores, [d for p in scored for d in p.slice_dices], sum(p.fp_slices for p in scored),
-                        sum(p.empty_slices for p in scored))
+    summary = summarize(scored)
     with_mm = any(p.hd95_mm is not None for p in scored)
     records = [
         {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(p.scores).items()}

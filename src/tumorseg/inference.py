@@ -11,7 +11,7 @@ probabilities with those of the horizontally flipped slices.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from tumorseg.export import format_of, read_graph_info
 from tumorseg.postprocess import binarize
 
 BATCH_SIZE = 16  # slices per forward pass, unless the caller says otherwise
+Progress = Callable[[int, int], None]  # progress(slices done, slices in all)
 
 
 def default_checkpoint_path() -> Path:
@@ -213,9 +214,10 @@ class Predictor:
     # ------------------------------------------------------------------ normalised slices
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, *, logits: bool = False) -> Prediction:
+    def predict(self, images: torch.Tensor, *, logits: bool = False, progress: Progress | None = None) -> Prediction:
         """Probabilities (and, with `logits`, logits) float32 (N, 1, H, W) for normalised
-        images float32 (N, C, H, W), in chunks of `batch_size`."""
+        images float32 (N, C, H, W), in chunks of `batch_size`; `progress(done, total)` is
+        called after each chunk."""
         if images.dim() != 4 or images.shape[1] != len(self.channels):
             raise ConfigError(f"expected images (N, {len(self.channels)}, H, W), got {tuple(images.shape)}")
         n = images.shape[0]
@@ -230,6 +232,8 @@ class Predictor:
                 raw[s] = z.cpu()
             if spread is not None:
                 spread[s] = sd.cpu()
+            if progress is not None:
+                progress(s.stop, n)
         return Prediction(probs, raw, spread)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,17 +270,22 @@ class Predictor:
         return normalize(x, torch.tensor([low[c] for c in ch]), torch.tensor([high[c] for c in ch]))
 
     def segment(self, volume: np.ndarray, low: Sequence[float] | None = None,
-                high: Sequence[float] | None = None) -> Segmentation:
-        """Segment one patient volume uint8 (S, H, W, 3): normalise (see
-        `normalize_volume`), predict, threshold and post-process as configured."""
-        pred = self.predict(self.normalize_volume(volume, low, high))
-        seg = self.finish(pred.probabilities[:, 0].numpy())
-        seg.spread = pred.spread[:, 0].numpy() if pred.spread is not None else None
-        return seg
+                high: Sequence[float] | None = None, progress: Progress | None = None) -> Segmentation:
+        """Segment one patient volume (S, H, W, 3): normalise (see `normalize_volume`),
+        predict, threshold and post-process as configured."""
+        return self.finish(*self.volume_probabilities(volume, low, high, progress))
 
-    def finish(self, probabilities: np.ndarray) -> Segmentation:
+    def volume_probabilities(self, volume: np.ndarray, low: Sequence[float] | None = None,
+                             high: Sequence[float] | None = None,
+                             progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The probabilities float32 (S, H, W) of one patient volume (S, H, W, 3), and for
+        an ensemble their spread across the models (else None)."""
+        pred = self.predict(self.normalize_volume(volume, low, high), progress=progress)
+        return pred.probabilities[:, 0].numpy(), pred.spread[:, 0].numpy() if pred.spread is not None else None
+
+    def finish(self, probabilities: np.ndarray, spread: np.ndarray | None = None) -> Segmentation:
         """Threshold and post-process probabilities float32 (S, H, W) as configured (for
         probabilities brought back to another grid; `segment` ends with it too)."""
         mask = binarize(probabilities, self.inference)
         removed = int(np.count_nonzero(probabilities > self.inference.threshold)) - int(np.count_nonzero(mask))
-        return Segmentation(mask=mask, probabilities=probabilities, removed_voxels=removed)
+        return Segmentation(mask=mask, probabilities=probabilities, removed_voxels=removed, spread=spread)

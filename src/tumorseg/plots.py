@@ -73,9 +73,16 @@ def display_image(image: np.ndarray) -> np.ndarray:
 
     Args:
         image: uint8 (H, W, 3) raw kaggle_3m slice (the FLAIR channel 1 is shown),
-            uint8 (H, W) grey, or float (H, W) in [0, 1] (scaled by 255 and rounded).
+            (H, W, 3) raw intensities of another type (NIfTI: FLAIR shown, scaled from its
+            1st to its 99th percentile), uint8 (H, W) grey, or float (H, W) in [0, 1]
+            (scaled by 255 and rounded).
     """
     img = np.asarray(image)
+    if img.ndim == 3 and img.shape[2] == 3 and img.dtype != np.uint8 and np.issubdtype(img.dtype, np.number):
+        flair = img[:, :, FLAIR_CHANNEL].astype(np.float64)
+        low, high = np.percentile(flair, [1, 99])
+        scaled = np.clip((flair - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(flair)
+        return np.rint(scaled * 255.0).astype(np.uint8)
     if img.dtype == np.uint8:
         if img.ndim == 3 and img.shape[2] == 3:
             return img[:, :, FLAIR_CHANNEL].copy()
@@ -87,7 +94,7 @@ def display_image(image: np.ndarray) -> np.ndarray:
             raise ValueError(f"float images must lie in [0, 1], got [{lo:.3g}, {hi:.3g}] "
                              "(or NaN); rescale or pass the raw uint8 slice")
         return np.rint(img * 255.0).astype(np.uint8)
-    raise ValueError(f"expected uint8 (H, W, 3), uint8 (H, W) or float (H, W) in [0, 1], "
+    raise ValueError(f"expected (H, W, 3) raw intensities, uint8 (H, W) or float (H, W) in [0, 1], "
                      f"got {img.dtype} {img.shape}")
 
 
@@ -100,8 +107,8 @@ def overlay(image: np.ndarray, pred: np.ndarray | None,
     cover a pixel it is red: the prediction is drawn last.
 
     Args:
-        image: see `display_image`: uint8 (H, W, 3) raw slice (FLAIR shown), uint8 (H, W)
-            or float (H, W) in [0, 1].
+        image: see `display_image`: (H, W, 3) raw slice (FLAIR shown), uint8 (H, W) or
+            float (H, W) in [0, 1].
         pred, truth: binary masks (H, W), or None to leave that contour out.
 
     Returns:

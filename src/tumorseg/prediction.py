@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -41,21 +40,20 @@ from tqdm.auto import tqdm
 
 from tumorseg.data.kaggle import find_patient_dirs
 from tumorseg.data.nifti import (
-    SEQUENCE_WORDS,
     NiftiFiles,
     find_sequences,
     is_nifti,
     is_nifti_patient,
-    nifti_stem,
+    patient_name,
     read_nifti_patient,
     resample_slices,
     to_training_scale,
     write_nifti,
 )
-from tumorseg.data.slices import IMAGE_SUFFIXES, mask_png, read_volume, slice_images, write_png
+from tumorseg.data.slices import IMAGE_SUFFIXES, read_volume, slice_images, write_image, write_mask
 from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
-from tumorseg.inference import BATCH_SIZE, Predictor, check_model_arguments
+from tumorseg.inference import BATCH_SIZE, Predictor, Progress, check_model_arguments
 
 
 @dataclass
@@ -79,7 +77,7 @@ def collect_volumes(inputs: Sequence[str | Path]) -> list[Volume]:
             raise DataError(f"{path} does not exist; pass a patient folder, a folder of slices or .tif/.png files")
         if path.is_file():
             if is_nifti(path):  # one volume given alone: FLAIR
-                volumes.append(Volume(_patient_name(path), [], NiftiFiles(_patient_name(path), flair=path)))
+                volumes.append(Volume(patient_name(path), [], NiftiFiles(patient_name(path), flair=path)))
                 continue
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise DataError(f"{path}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii "
@@ -114,15 +112,6 @@ def collect_volumes(inputs: Sequence[str | Path]) -> list[Volume]:
     return volumes
 
 
-def _patient_name(path: Path) -> str:
-    """A NIfTI file's name without .nii(.gz) and without a trailing sequence word (_flair ...)."""
-    stem = nifti_stem(path)
-    words = re.split(r"([_\-])", stem)
-    if len(words) > 2 and words[-1].lower() in {w for ws in SEQUENCE_WORDS.values() for w in ws}:
-        return "".join(words[:-2])
-    return stem
-
-
 @dataclass
 class VolumeSummary:
     volume: str
@@ -150,10 +139,12 @@ def predict(
     predictor: Predictor | None = None,
     save_probabilities: bool = False,
     nifti: NiftiFiles | None = None,
+    progress: Progress | None = None,
 ) -> list[VolumeSummary]:
     """Predict tumour masks for `inputs` (and the NIfTI patient `nifti`, given by its
     files) and write them under `out_dir`; `save_probabilities` also writes the
     probability maps (and, for an ensemble, their spread across the models).
+    `progress(done, total)` follows the slices of each volume.
 
     The model is `predictor`, or `Predictor.from_checkpoints(checkpoint, ...)` (None: the
     shipped model) with threshold/postprocess/tta overriding its stored settings.
@@ -180,20 +171,20 @@ def predict(
     bar = None if show_progress and len(volumes) > 1 else True  # None: only on a terminal
     for vol in tqdm(volumes, desc="predicting", unit="volume", disable=bar):
         if vol.nifti is not None:
-            summary = _predict_nifti(predictor, vol.nifti, out, overlay, save_probabilities)
+            summary = _predict_nifti(predictor, vol.nifti, out, overlay, save_probabilities, progress)
         else:
             images = read_volume(vol.files, vol.name)
-            seg = predictor.segment(images)
+            seg = predictor.segment(images, progress=progress)
             masks = seg.mask
             vdir = prepare_output_dir(out / vol.name)
             for i, (f, img, m) in enumerate(zip(vol.files, images, masks, strict=True)):
-                mask_png(vdir / f"{f.stem}_pred.png", m)
+                write_mask(vdir / f"{f.stem}_pred.png", m)
                 if overlay:
-                    write_png(vdir / f"{f.stem}_overlay.png", make_overlay(img, m))
+                    write_image(vdir / f"{f.stem}_overlay.png", make_overlay(img, m))
                 if save_probabilities:
-                    write_png(vdir / f"{f.stem}_prob.png", _probability_png(seg.probabilities[i]))
+                    write_image(vdir / f"{f.stem}_prob.png", _probability_png(seg.probabilities[i]))
                     if seg.spread is not None:
-                        write_png(vdir / f"{f.stem}_prob_spread.png", _probability_png(seg.spread[i]))
+                        write_image(vdir / f"{f.stem}_prob_spread.png", _probability_png(seg.spread[i]))
             summary = VolumeSummary(vol.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()),
                                     int(masks.sum()), seg.removed_voxels)
         merge_summary(out / "summary.csv", [summary])  # at once: a later failure loses no row
@@ -207,19 +198,18 @@ def _probability_png(p: np.ndarray) -> np.ndarray:
 
 
 def _predict_nifti(predictor: Predictor, files: NiftiFiles, out: Path, overlay: bool,
-                   save_probabilities: bool) -> VolumeSummary:
+                   save_probabilities: bool, progress: Progress | None = None) -> VolumeSummary:
     """Segment one NIfTI patient and write `<name>_pred.nii.gz` (uint8 0/1 on the input's
     grid) and, on request, probability maps and overlay PNGs (model orientation)."""
     from tumorseg.plots import overlay as make_overlay
 
     patient = read_nifti_patient(files)
     volume, input_shape = to_training_scale(patient)
-    seg = predictor.segment(volume)
+    probs, spread = predictor.volume_probabilities(volume, progress=progress)
     if input_shape is not None:  # back to the input's grid before threshold and post-processing
-        probs = resample_slices(seg.probabilities, input_shape)
-        spread = resample_slices(seg.spread, input_shape) if seg.spread is not None else None
-        seg = predictor.finish(probs)
-        seg.spread = spread
+        probs = resample_slices(probs, input_shape)
+        spread = resample_slices(spread, input_shape) if spread is not None else None
+    seg = predictor.finish(probs, spread)
     masks = seg.mask
     vdir = prepare_output_dir(out / patient.name)
     write_nifti(vdir / f"{patient.name}_pred.nii.gz", masks, patient.grid, np.uint8)
@@ -228,19 +218,11 @@ def _predict_nifti(predictor: Predictor, files: NiftiFiles, out: Path, overlay: 
         if seg.spread is not None:
             write_nifti(vdir / f"{patient.name}_prob_spread.nii.gz", seg.spread, patient.grid, np.float32)
     if overlay:
-        shown = (predictor.normalize_volume(patient.volume).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
         for i in np.flatnonzero(masks.reshape(len(masks), -1).any(1)):
-            write_png(vdir / f"{patient.name}_{i + 1}_overlay.png", make_overlay(_display(shown[i]), masks[i]))
+            write_image(vdir / f"{patient.name}_{i + 1}_overlay.png", make_overlay(patient.volume[i], masks[i]))
     voxels = int(masks.sum())
     return VolumeSummary(patient.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()), voxels,
                          seg.removed_voxels, voxels * patient.grid.voxel_ml)
-
-
-def _display(normalised: np.ndarray) -> np.ndarray:
-    """An (H, W, C) uint8 slice for the overlay, three channels (the model's inputs)."""
-    if normalised.shape[-1] == 3:
-        return normalised
-    return np.repeat(normalised[..., :1], 3, axis=-1)
 
 
 SUMMARY_FIELDS = ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels", "volume_ml"]

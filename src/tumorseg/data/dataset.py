@@ -1,8 +1,9 @@
 """Normalisation and PyTorch access to cached slices.
 
 `LGGDataset` is the plain per-item `torch.utils.data.Dataset`. Training and evaluation
-use `SliceArrays` instead: all slices of a set of patients in memory as uint8 tensors,
-normalised batch by batch, which avoids per-item Python work on small CPUs.
+use `SliceArrays` instead: all slices of a set of patients in memory as raw tensors
+(uint8 for kaggle_3m), normalised batch by batch, which avoids per-item Python work on
+small CPUs.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ class LGGDataset(Dataset):
 
 @dataclass
 class SliceArrays:
-    """All slices of some patients in memory (uint8), normalised on demand per batch."""
+    """All slices of some patients in memory (raw intensities), normalised on demand per batch."""
 
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: torch.Tensor  # (N, C, H, W), the cache's type (uint8 for kaggle_3m)
     masks: torch.Tensor  # uint8 (N, 1, H, W), 0/1
     low: torch.Tensor  # float32 (N, C): the statistics of each slice's patient
     high: torch.Tensor  # float32 (N, C)
@@ -90,36 +91,43 @@ class SliceArrays:
 
 
 def load_arrays(cache: Cache, patients: Sequence[str], channels: Sequence[str] = CHANNELS) -> SliceArrays:
-    """Read the slices of `patients` into memory as uint8 tensors.
+    """Read the slices of `patients` into memory as raw tensors.
+
+    Patients of different slice sizes (NIfTI data) are padded at the bottom and right to
+    the largest, with intensities that normalise to 0 and no tumour.
 
     Raises:
-        DataError: unknown patient, patients of different slice sizes, or no masks.
+        DataError: unknown patient, or a patient without masks.
     """
     ch = channel_indices(tuple(channels))
     patients = list(patients)
     if not patients:
         raise DataError("no patients selected")
-    sizes = set()
-    imgs, msks, lows, highs, pidx, nums = [], [], [], [], [], []
-    for i, p in enumerate(patients):
+    for p in patients:
         if p not in cache.records:
             raise DataError(f"patient {p} is not in the data at {cache.source or cache.root}")
-        rec = cache.records[p]
-        sizes.add((rec.height, rec.width))
-        masks = cache.masks(p)
-        if masks is None:
+        if not cache.records[p].has_masks:
             raise DataError(f"patient {p} has no masks; training and evaluation need them")
-        img = torch.from_numpy(np.array(cache.images(p)[..., ch], dtype=np.uint8)).permute(0, 3, 1, 2)
-        imgs.append(img.contiguous())
-        msks.append(torch.from_numpy(np.array(masks, dtype=np.uint8))[:, None])
+    height = max(cache.records[p].height for p in patients)
+    width = max(cache.records[p].width for p in patients)
+    dtype = np.result_type(*{np.dtype(cache.records[p].dtype) for p in patients})
+    imgs, msks, lows, highs, pidx, nums = [], [], [], [], [], []
+    for i, p in enumerate(patients):
+        rec = cache.records[p]
+        img = np.array(cache.images(p)[..., ch], dtype=dtype)
+        masks = np.array(cache.masks(p), dtype=np.uint8)
+        pad = ((0, 0), (0, height - rec.height), (0, width - rec.width))
+        if pad[1][1] or pad[2][1]:
+            floor = np.floor([rec.low[c] for c in ch]).astype(dtype)  # <= low: normalises to 0
+            img = np.stack([np.pad(img[..., j], pad, constant_values=floor[j]) for j in range(len(ch))], -1)
+            masks = np.pad(masks, pad)
+        imgs.append(torch.from_numpy(img).permute(0, 3, 1, 2).contiguous())
+        msks.append(torch.from_numpy(masks)[:, None])
         s = len(rec.slices)
         lows.append(torch.tensor([rec.low[c] for c in ch]).expand(s, -1))
         highs.append(torch.tensor([rec.high[c] for c in ch]).expand(s, -1))
         pidx.append(torch.full((s,), i, dtype=torch.int64))
         nums.append(torch.tensor(rec.slices, dtype=torch.int64))
-    if len(sizes) > 1:
-        raise DataError(f"patients have different slice sizes {sorted(sizes)}; batches need one size: "
-                        "resample the data to one size first")
     return SliceArrays(
         images=torch.cat(imgs), masks=torch.cat(msks), low=torch.cat(lows).float(),
         high=torch.cat(highs).float(), patient_index=torch.cat(pidx), slice_numbers=torch.cat(nums),

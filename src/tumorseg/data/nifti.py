@@ -71,6 +71,15 @@ def nifti_stem(path: str | Path) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
 
 
+def patient_name(path: str | Path) -> str:
+    """A NIfTI file's name without .nii(.gz) and without a trailing sequence word (_flair ...)."""
+    stem = nifti_stem(path)
+    words = re.split(r"([_\-])", stem)
+    if len(words) > 2 and words[-1].lower() in {w for ws in SEQUENCE_WORDS.values() for w in ws}:
+        return "".join(words[:-2])
+    return stem
+
+
 @dataclass
 class NiftiFiles:
     """The files of one NIfTI patient, by sequence."""
@@ -115,6 +124,22 @@ def find_sequences(folder: str | Path) -> NiftiFiles:
 def is_nifti_patient(folder: str | Path) -> bool:
     folder = Path(folder)
     return folder.is_dir() and any(is_nifti(p) for p in folder.iterdir() if p.is_file())
+
+
+def find_nifti_patients(root: str | Path) -> list[NiftiFiles]:
+    """The NIfTI patients at `root`: `root` itself when it holds NIfTI files, else its
+    sub-folders that do, sorted by name ([] when there are none).
+
+    Raises:
+        DataError: a patient folder without FLAIR or with two files for one sequence.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    if is_nifti_patient(root):
+        return [find_sequences(root)]
+    return [find_sequences(p) for p in sorted(root.iterdir())
+            if not p.name.startswith(".") and is_nifti_patient(p)]
 
 
 @dataclass
@@ -260,6 +285,36 @@ def to_training_scale(patient: NiftiPatient) -> tuple[np.ndarray, tuple[int, int
     return resample_slices(patient.volume, target), (h, w)
 
 
+def training_arrays(patient: NiftiPatient) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    """What the cache keeps of a NIfTI patient: the volume at the model's scale (see
+    `to_training_scale`) in the smallest data type that holds its values exactly
+    (`exact_dtype`), the label resampled the same way (nearest neighbour) as uint8 0/1,
+    and the spacing (slice, row, column) in mm of those arrays."""
+    volume, input_shape = to_training_scale(patient)
+    label = None if patient.label is None else patient.label.astype(np.uint8)
+    spacing = patient.grid.spacing
+    if input_shape is not None:
+        h, w = volume.shape[1:3]
+        if label is not None:
+            label = resample_slices(label, (h, w), order=0)
+        spacing = (spacing[0], spacing[1] * input_shape[0] / h, spacing[2] * input_shape[1] / w)
+    return volume.astype(exact_dtype(volume), copy=False), label, spacing
+
+
+def exact_dtype(values: np.ndarray) -> type:
+    """uint8 or int16 when every value is an integer in their range, float32 otherwise:
+    the cheapest type that keeps the normalisation statistics exact (scanners write
+    12-16-bit integers; a BraTS patient, 155 x 240 x 240 x 3 voxels, takes 54 MB as
+    int16 and 107 MB as float32)."""
+    if values.size and np.array_equal(values, np.round(values)):
+        low, high = float(values.min()), float(values.max())
+        if low >= 0 and high <= 255:
+            return np.uint8
+        if low >= -32768 and high <= 32767:
+            return np.int16
+    return np.float32
+
+
 # ---------------------------------------------------------------------- writing
 
 def to_input_order(array: np.ndarray, grid: Grid) -> np.ndarray:
@@ -325,23 +380,63 @@ def kaggle_to_nifti(patient_dir: str | Path, out_dir: str | Path,
     Raises:
         DataError: an unreadable patient folder.
     """
-    import nibabel as nib
-
     from tumorseg.data.kaggle import read_patient
 
     patient_dir = Path(patient_dir)
     name = patient_dir.name
     _, images, masks = read_patient(patient_dir, require_masks=False)
     folder = Path(out_dir) / name
-    affine = kaggle_affine(spacing)
-    volumes = {f"{name}_{CONVERTED_NAMES[c]}.nii.gz": images[..., i] for i, c in enumerate(CHANNELS)}
+    volumes = {f"{name}_{CONVERTED_NAMES[c]}.nii.gz": images[..., i].astype(np.uint8) for i, c in enumerate(CHANNELS)}
     if masks is not None:
         volumes[f"{name}_seg.nii.gz"] = (masks > 0).astype(np.uint8)
+    return [write_kaggle_volume(folder / filename, array, spacing) for filename, array in volumes.items()]
+
+
+def write_kaggle_volume(path: str | Path, array: np.ndarray, spacing: Sequence[float] = DEFAULT_SPACING) -> Path:
+    """Write a volume in the kaggle_3m layout (slice, row, column) as NIfTI on the grid of
+    `kaggle_affine(spacing)`, in its own data type, atomically (gzip for .nii.gz)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)), kaggle_affine(spacing))
+    img.header.set_xyzt_units("mm")
+    img.header.set_slope_inter(1.0, 0.0)
+    raw = img.to_bytes()
+    path = Path(path)
+    payload = gzip.compress(raw, compresslevel=6) if path.name.lower().endswith(".gz") else raw
+    return atomic_write(path, lambda f: f.write(payload))
+
+
+# ---------------------------------------------------------------------- NIfTI -> kaggle_3m
+
+def nifti_to_kaggle(files: NiftiFiles, out_dir: str | Path) -> list[Path]:
+    """Write a NIfTI patient as a kaggle_3m patient folder: `<out>/<name>/<name>_<k>.tif`
+    (RGB uint8: pre-contrast, FLAIR, post-contrast; k = 1 the most inferior slice) and
+    `<name>_<k>_mask.tif` (0/255) when it has a label, in the model's orientation. Values
+    that are integers in 0-255 are kept as they are (a converted kaggle_3m patient comes
+    back file for file); any other sequence is scaled linearly from its minimum to its
+    maximum onto 0-255, with a warning (8 bits lose precision: predict on the NIfTI
+    files where you can). The in-plane grid is kept; the spacing is lost (TIFFs have none).
+
+    Raises:
+        DataError: an unreadable or inconsistent patient (see `read_nifti_patient`).
+    """
+    from tumorseg.data.slices import write_image, write_mask
+
+    patient = read_nifti_patient(files)
+    volume = patient.volume
+    scaled = []
+    if exact_dtype(volume) is not np.uint8:
+        out = np.empty(volume.shape, dtype=np.uint8)
+        for c in range(volume.shape[-1]):
+            low, high = float(volume[..., c].min()), float(volume[..., c].max())
+            out[..., c] = np.round((volume[..., c] - low) * (255.0 / (high - low))) if high > low else 0
+            scaled.append(f"{CHANNELS[c]} {low:g}..{high:g}")
+        log.warning(f"{files.name}: intensities scaled to 8 bits for the TIFFs ({', '.join(scaled)} -> 0..255)")
+        volume = out
+    folder = Path(out_dir) / patient.name
     written = []
-    for filename, array in volumes.items():
-        img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(np.uint8), affine)
-        img.header.set_xyzt_units("mm")
-        img.header.set_slope_inter(1.0, 0.0)
-        payload = gzip.compress(img.to_bytes(), compresslevel=6)
-        written.append(atomic_write(folder / filename, lambda f, p=payload: f.write(p)))
+    for k in range(len(volume)):
+        written.append(write_image(folder / f"{patient.name}_{k + 1}.tif", volume[k].astype(np.uint8)))
+        if patient.label is not None:
+            written.append(write_mask(folder / f"{patient.name}_{k + 1}_mask.tif", patient.label[k]))
     return written

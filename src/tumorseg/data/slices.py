@@ -172,19 +172,21 @@ def read_volume(files: Sequence[Path], name: str) -> np.ndarray:
     return volume
 
 
-def write_png(path: str | os.PathLike[str], pixels: np.ndarray) -> Path:
-    """Write uint8 RGB (H, W, 3) or grey (H, W) pixels to a PNG, atomically."""
+def write_image(path: str | os.PathLike[str], pixels: np.ndarray) -> Path:
+    """Write uint8 RGB (H, W, 3) or grey (H, W) pixels to a PNG, or to an uncompressed
+    TIFF when the name ends in .tif/.tiff (as kaggle_3m stores its slices), atomically."""
     arr = np.asarray(pixels)
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
         raise ValueError(f"expected uint8 (H, W, 3) or (H, W), got {arr.dtype} {arr.shape}")
     img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.ndim == 3 else "L")
-    return atomic_write(path, lambda f: img.save(f, format="PNG"))
+    fmt = "TIFF" if Path(path).suffix.lower() in (".tif", ".tiff") else "PNG"
+    return atomic_write(path, lambda f: img.save(f, format=fmt))
 
 
-def mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> Path:
-    """Write a binary mask (H, W) as an 8-bit grey PNG: 0 background, 255 tumour
-    (the kaggle_3m `_mask.tif` convention)."""
+def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> Path:
+    """Write a binary mask (H, W) as an 8-bit grey image (PNG or TIFF, see `write_image`):
+    0 background, 255 tumour (the kaggle_3m `_mask.tif` convention)."""
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"expected a mask (H, W), got shape {m.shape}")
-    return write_png(path, np.where(m.astype(bool), 255, 0).astype(np.uint8))
+    return write_image(path, np.where(m.astype(bool), 255, 0).astype(np.uint8))

@@ -1,0 +1,318 @@
+"""Jobs of the web app: one uploaded patient each, segmented by `tumorseg predict`'s own
+code in a bounded pool of worker threads with one model loaded once.
+
+A job's folder, `<root>/<id>/`:
+    input/<patient>/    the uploaded files (flat); removed when the job ends
+    output/             what `predict` writes: masks, summary.csv (and the download zip)
+    view/               image.nii.gz, mask.nii.gz (and truth.nii.gz) for the viewer
+
+Finished jobs are deleted, folder and all, `keep_minutes` after they end; the whole root
+goes when the app shuts down.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from tumorseg.config import CHANNELS, ServeConfig
+from tumorseg.data.kaggle import list_slices
+from tumorseg.data.nifti import (
+    DEFAULT_SPACING,
+    SEQUENCE_WORDS,
+    find_sequences,
+    nifti_stem,
+    read_nifti_patient,
+    write_kaggle_volume,
+)
+from tumorseg.data.slices import read_mask, read_volume, slice_images
+from tumorseg.errors import DataError, TumorsegError
+from tumorseg.inference import Predictor
+from tumorseg.metrics import score_patient
+from tumorseg.prediction import predict
+from tumorseg.serve.uploads import Limits, UploadError, check_kinds, patient_folder_name, safe_name, unpack_zip
+
+log = logging.getLogger("tumorseg")
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+VIEW_FILES = ("image.nii.gz", "mask.nii.gz", "truth.nii.gz")
+FLAIR = CHANNELS.index("FLAIR")
+
+
+@dataclass
+class Job:
+    id: str
+    folder: Path
+    status: str = "queued"  # queued, running, done, failed
+    stage: str = "queued"
+    progress: float = 0.0
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    download: Path | None = None
+    finished: float | None = None  # time.monotonic() when it ended
+    created: float = field(default_factory=time.monotonic)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "stage": self.stage, "progress": round(self.progress, 4),
+                "error": self.error, "result": self.result}
+
+
+@dataclass
+class PatientInput:
+    """An upload checked and laid out as one patient folder."""
+
+    kind: str  # "nifti" or "slice"
+    folder: Path
+    name: str
+
+
+class JobStore:
+    """The jobs of one app: created by uploads, run by the pool, found by id, swept."""
+
+    def __init__(self, root: Path, predictor: Predictor, config: ServeConfig):
+        self.root = root
+        self.predictor = predictor
+        self.config = config
+        self.limits = Limits(max_files=config.max_files, max_unpacked_bytes=config.max_unpacked_mb * 2**20)
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()  # the model's threads already fill the CPU: one prediction at a time
+        self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tumorseg-job")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def new_job(self) -> Job:
+        """A new queued job with its folder.
+
+        Raises:
+            UploadError (429): `max_queued` jobs are already waiting or running.
+        """
+        self.sweep()
+        with self._lock:
+            active = sum(j.status in ("queued", "running") for j in self._jobs.values())
+            if active >= self.config.max_queued:
+                raise UploadError(429, f"{active} jobs are already waiting or running; try again in a minute")
+            job_id = uuid.uuid4().hex
+            job = Job(id=job_id, folder=self.root / job_id)
+            job.folder.mkdir(parents=True)
+            self._jobs[job.id] = job
+        return job
+
+    def discard(self, job: Job) -> None:
+        """Forget a job whose upload was refused, and delete its files."""
+        with self._lock:
+            self._jobs.pop(job.id, None)
+        shutil.rmtree(job.folder, ignore_errors=True)
+
+    def get(self, job_id: str) -> Job | None:
+        """The job of this id, or None (also for anything that is not a job id)."""
+        if not JOB_ID.match(job_id or ""):
+            return None
+        self.sweep()
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete the jobs that ended more than `keep_minutes` ago; returns how many."""
+        now = time.monotonic() if now is None else now
+        keep = self.config.keep_minutes * 60
+        with self._lock:
+            old = [j for j in self._jobs.values() if j.finished is not None and now - j.finished > keep]
+            for j in old:
+                del self._jobs[j.id]
+        for j in old:
+            shutil.rmtree(j.folder, ignore_errors=True)
+        return len(old)
+
+    def close(self) -> None:
+        """Stop taking work, drop queued jobs, and delete every job's files."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._jobs.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # ------------------------------------------------------------------ input
+
+    def accept(self, job: Job, uploads: list[tuple[str | None, BinaryIO]]) -> PatientInput:
+        """Lay the uploaded files out as one patient folder and read it once, so that bad
+        input is refused now, with the reason, rather than failing later in the pool.
+
+        Raises:
+            UploadError: 422 for names, kinds, zips or images that cannot be used, 413 for
+                uploads or zips over the limits.
+        """
+        if len(uploads) > self.config.max_files:
+            raise UploadError(413, f"{len(uploads)} files uploaded; at most {self.config.max_files} are accepted")
+        names = [safe_name(name) for name, _ in uploads]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise UploadError(422, f"two files named {repeated[0]}")
+        kind = check_kinds(names)
+        staging = job.folder / "upload"
+        staging.mkdir()
+        for name, (_, stream) in zip(names, uploads, strict=True):
+            with (staging / name).open("wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
+        fallback = "patient"
+        if kind == "zip":
+            archive = staging / names[0]
+            fallback = names[0][: -len(".zip")] or fallback
+            unpacked = staging / "unpacked"
+            unpacked.mkdir()
+            names = unpack_zip(archive, unpacked, self.limits)
+            kind = check_kinds(names)
+            staging = unpacked
+        patient = patient_folder_name(names, fallback)
+        folder = job.folder / "input" / patient
+        folder.mkdir(parents=True)
+        for name in names:
+            (staging / name).replace(folder / name)
+        shutil.rmtree(job.folder / "upload", ignore_errors=True)
+        if kind == "nifti" and len(names) == 1 and not _names_a_sequence(names[0]):  # one volume alone: FLAIR
+            suffix = ".nii.gz" if names[0].lower().endswith(".gz") else ".nii"
+            (folder / names[0]).replace(folder / f"{patient}_flair{suffix}")
+        try:
+            if kind == "nifti":
+                read_nifti_patient(find_sequences(folder))
+            else:
+                files = slice_images(folder)
+                if not files:
+                    raise DataError("the upload holds only masks, no image slices")
+                read_volume(files, patient)
+        except DataError as e:
+            raise UploadError(422, _without_folder(str(e), job.folder)) from None
+        return PatientInput(kind, folder, patient)
+
+    def submit(self, job: Job, patient: PatientInput) -> None:
+        self._pool.submit(self._run, job, patient)
+
+    # ------------------------------------------------------------------ work
+
+    def _run(self, job: Job, patient: PatientInput) -> None:
+        job.status, job.stage = "running", "waiting for the model"
+        try:
+            out = job.folder / "output"
+
+            def progress(done: int, total: int) -> None:
+                job.stage, job.progress = f"predicting slice {done} of {total}", 0.9 * done / max(total, 1)
+
+            with self._model_lock:
+                job.stage = "reading"
+                (summary,) = predict([patient.folder], out, predictor=self.predictor, show_progress=False,
+                                     progress=progress)
+            job.stage, job.progress = "preparing the viewer", 0.95
+            view = job.folder / "view"
+            if patient.kind == "nifti":
+                details = _nifti_view(patient, out, view)
+            else:
+                details = _slice_view(patient, out, view)
+            job.download = details.pop("download_path")
+            mask = details.pop("mask")
+            per_slice = mask.reshape(len(mask), -1).sum(1)
+            job.result = {
+                "name": patient.name, "input": "nifti" if patient.kind == "nifti" else "slices",
+                "slices": summary.slices, "tumour_slices": summary.tumour_slices,
+                "tumour_pixels": summary.tumour_pixels,
+                "volume_ml": summary.volume_ml, "removed_pixels": summary.removed_pixels,
+                "tumour_slice": int(per_slice.argmax()) if per_slice.any() else len(mask) // 2,
+                "viewer": {"image": self._url(job, "image.nii.gz"), "mask": self._url(job, "mask.nii.gz"),
+                           "truth": self._url(job, "truth.nii.gz") if details["has_label"] else None},
+                "download": f"/api/jobs/{job.id}/mask", **details,
+            }
+            job.status, job.stage, job.progress = "done", "done", 1.0
+        except TumorsegError as e:
+            job.status, job.stage, job.error = "failed", "failed", _without_folder(str(e), job.folder)
+        except Exception as e:  # noqa: BLE001 (a job must end, and the user must learn why)
+            log.exception(f"job {job.id} failed")
+            job.status, job.stage, job.error = "failed", "failed", f"internal error ({type(e).__name__}); see the log"
+        finally:
+            job.finished = time.monotonic()
+            shutil.rmtree(job.folder / "input", ignore_errors=True)
+
+    @staticmethod
+    def _url(job: Job, name: str) -> str:
+        return f"/api/jobs/{job.id}/files/{name}"
+
+
+def _names_a_sequence(name: str) -> bool:
+    word = re.split(r"[_\-]", nifti_stem(name).lower())[-1]
+    return any(word in words for words in SEQUENCE_WORDS.values())
+
+
+def _without_folder(message: str, folder: Path) -> str:
+    """A message without the server's own paths (the user knows their files by name)."""
+    return re.sub(re.escape(str(folder)) + r"/(input/|upload/(unpacked/)?)?([^/\s]+/)?", "", message)
+
+
+def _nifti_view(patient: PatientInput, out: Path, view: Path) -> dict[str, Any]:
+    """Viewer volumes of a NIfTI patient, reoriented to the closest canonical (RAS) voxel
+    order so that voxel axis 2 runs from the feet to the head as the model's slices do;
+    Dice against its label on the input's grid."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation
+
+    files = find_sequences(patient.folder)
+    nii = read_nifti_patient(files)
+    pred = out / patient.name / f"{patient.name}_pred.nii.gz"
+    pred_img = nib.load(str(pred))
+    mask = apply_orientation(np.asarray(pred_img.dataobj), nii.grid.to_model) > 0
+    view.mkdir(parents=True, exist_ok=True)
+    flair = nib.load(str(files.flair))
+    volumes = {"image.nii.gz": nib.Nifti1Image(np.asarray(flair.dataobj, dtype=np.float32), flair.affine),
+               "mask.nii.gz": nib.Nifti1Image(np.asarray(pred_img.dataobj, dtype=np.uint8), pred_img.affine)}
+    dice = None
+    if nii.label is not None:
+        label = nib.load(str(files.label))
+        volumes["truth.nii.gz"] = nib.Nifti1Image((np.asarray(label.dataobj) != 0).astype(np.uint8), label.affine)
+        dice = score_patient(patient.name, mask, nii.label, surface=False).dice
+    for name, img in volumes.items():
+        img = nib.as_closest_canonical(img)
+        img.header.set_xyzt_units("mm")
+        nib.save(img, str(view / name))
+    return {"has_label": nii.label is not None, "dice": dice, "mask": mask, "download_path": pred,
+            "download_name": pred.name}
+
+
+def _slice_view(patient: PatientInput, out: Path, view: Path) -> dict[str, Any]:
+    """Viewer volumes of slice images (spacing unknown: 1 x 0.94 x 0.94 mm is shown), the
+    predicted PNGs zipped for download, and Dice against the masks when every slice has one."""
+    files = slice_images(patient.folder)
+    images = read_volume(files, patient.name)
+    pred_dir = out / patient.name
+    preds = [pred_dir / f"{f.stem}_pred.png" for f in files]
+    mask = np.stack([read_mask(p) for p in preds]) > 0
+    truth = _truth(patient.folder, files)
+    view.mkdir(parents=True, exist_ok=True)
+    write_kaggle_volume(view / "image.nii.gz", images[..., FLAIR], DEFAULT_SPACING)
+    write_kaggle_volume(view / "mask.nii.gz", mask.astype(np.uint8), DEFAULT_SPACING)
+    if truth is not None:
+        write_kaggle_volume(view / "truth.nii.gz", truth.astype(np.uint8), DEFAULT_SPACING)
+    archive = out / f"{patient.name}_masks.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for p in preds:
+            zf.write(p, arcname=f"{patient.name}/{p.name}")
+    dice = score_patient(patient.name, mask, truth, surface=False).dice if truth is not None else None
+    return {"has_label": truth is not None, "dice": dice, "mask": mask, "download_path": archive,
+            "download_name": archive.name}
+
+
+def _truth(folder: Path, files: list[Path]) -> np.ndarray | None:
+    """The masks of the slices when every slice has one (kaggle_3m naming), else None."""
+    try:
+        slices = list_slices(folder, require_masks=True)
+    except DataError:
+        return None
+    if [s.image for s in slices] != files:
+        return None
+    return np.stack([read_mask(s.mask) for s in slices if s.mask is not None]) > 0

@@ -1,0 +1,176 @@
+"""What an upload may be, and how it becomes one patient folder that `tumorseg predict`
+reads: safely, without trusting a name, a size or a zip header.
+
+An upload is one of:
+- a zip of one patient folder (kaggle_3m slices `<patient>_<n>.tif` with or without
+  `_mask.tif`, or NIfTI sequences);
+- slice files (.tif/.tiff/.png), masks `<name>_mask.<ext>` among them;
+- NIfTI files (.nii/.nii.gz): FLAIR, optionally T1/T1c and a label, named by the
+  conventions of `data.nifti`.
+
+Every file lands flat in one folder of the job (`<job>/input/<patient>/<basename>`): no
+name from the client or from a zip is ever joined to a path as it is. A zip entry that is
+absolute, climbs with `..`, or is a symbolic link is refused, as are zips whose entries
+or unpacked bytes exceed the limits; the bytes are counted while unpacking, since a zip
+header can lie.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tumorseg.data.nifti import is_nifti, patient_name
+from tumorseg.data.slices import IMAGE_SUFFIXES, SLICE_RE
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ ()+-]{0,199}$")
+FLAIR_NAME = re.compile(r"[_-](flair|t2f)\.nii(\.gz)?$", flags=re.IGNORECASE)
+COPY_CHUNK = 1 << 20
+
+
+class UploadError(Exception):
+    """An upload refused, with the HTTP status to answer and a message for the user."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_files: int
+    max_unpacked_bytes: int
+
+
+def safe_name(name: str | None) -> str:
+    """The base name of an uploaded file, if it is a plain file name.
+
+    Raises:
+        UploadError (422): empty, hidden, or with characters outside letters, digits and ._ ()+-.
+    """
+    base = PurePosixPath((name or "").replace("\\", "/")).name
+    if not SAFE_NAME.match(base) or base in (".", ".."):
+        raise UploadError(422, f"file name {name!r} is not allowed; use letters, digits and ._- only")
+    return base
+
+
+def kind_of(name: str) -> str:
+    """'nifti', 'slice', 'zip' or '' (anything else)."""
+    lower = name.lower()
+    if is_nifti(lower):
+        return "nifti"
+    if lower.endswith(".zip"):
+        return "zip"
+    if PurePosixPath(lower).suffix in IMAGE_SUFFIXES:
+        return "slice"
+    return ""
+
+
+def patient_folder_name(names: list[str], fallback: str = "patient") -> str:
+    """A patient name from its file names: the FLAIR file's name without the sequence
+    word for NIfTI, the common `<patient>` of `<patient>_<n>.tif` slices, else `fallback`."""
+    nifti = [n for n in names if is_nifti(n)]
+    flair = [n for n in nifti if FLAIR_NAME.search(n)]
+    if flair or nifti:
+        return _clean(patient_name((flair or nifti)[0]), fallback)
+    stems = {m.group(1) for n in names if (m := SLICE_RE.match(n))}
+    return _clean(stems.pop(), fallback) if len(stems) == 1 else fallback
+
+
+def _clean(name: str, fallback: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip("._-")
+    return name[:100] if name else fallback
+
+
+def check_kinds(names: list[str]) -> str:
+    """The kind of a set of uploaded files: 'zip' (one zip alone), 'nifti' or 'slice'.
+
+    Raises:
+        UploadError (422): no files, unsupported files, or kinds mixed.
+    """
+    if not names:
+        raise UploadError(422, "no files uploaded; send a zip of a patient folder, slice images or NIfTI files")
+    kinds = {n: kind_of(n) for n in names}
+    other = [n for n, k in kinds.items() if not k]
+    if other:
+        raise UploadError(422, f"{other[0]}: not a supported file; send a .zip of a patient folder, .tif/.png slices "
+                               "or .nii/.nii.gz volumes")
+    found = set(kinds.values())
+    if "zip" in found and len(names) > 1:
+        raise UploadError(422, "send a zip alone, one patient per upload")
+    if len(found) > 1:
+        raise UploadError(422, "the upload mixes slice images and NIfTI volumes; send one patient in one format")
+    return found.pop()
+
+
+def unpack_zip(archive: Path, dest: Path, limits: Limits) -> list[str]:
+    """Unpack the files of a patient zip flat into `dest`, skipping folders, hidden files
+    and macOS `__MACOSX` entries; returns their names.
+
+    Raises:
+        UploadError: 422 for a damaged zip, unsafe entries (absolute, `..`, symbolic
+            links), files of several folders or two files of one name; 413 for more
+            entries or more unpacked bytes than the limits allow.
+    """
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UploadError(422, f"{archive.name}: not a readable zip file ({e})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > limits.max_files:
+            raise UploadError(413, f"{archive.name} holds {len(infos)} entries; at most {limits.max_files} are "
+                                   "accepted")
+        declared = sum(i.file_size for i in infos)
+        if declared > limits.max_unpacked_bytes:
+            raise UploadError(413, f"{archive.name} unpacks to {declared / 2**20:.0f} MB; at most "
+                                   f"{limits.max_unpacked_bytes / 2**20:.0f} MB are accepted")
+        names: list[str] = []
+        folders: set[str] = set()
+        budget = limits.max_unpacked_bytes
+        for info in infos:
+            raw = info.filename.replace("\\", "/")
+            parts = PurePosixPath(raw).parts
+            if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw) or ".." in parts:
+                raise UploadError(422, f"{archive.name}: unsafe entry {info.filename!r} (an absolute path or '..'); "
+                                       "zip the patient folder itself")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise UploadError(422, f"{archive.name}: entry {info.filename!r} is a symbolic link; links are not "
+                                       "accepted")
+            if info.is_dir() or not parts or parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
+                continue
+            name = safe_name(parts[-1])
+            if not kind_of(name) or kind_of(name) == "zip":
+                continue  # README, data.csv and other strays, as in a kaggle_3m folder
+            folders.add("/".join(parts[:-1]))
+            if len(folders) > 1:
+                shown = ", ".join(sorted(folders))
+                raise UploadError(422, f"{archive.name} holds images in several folders ({shown}); upload one "
+                                       "patient folder per zip")
+            if name in names:
+                raise UploadError(422, f"{archive.name}: two files named {name}")
+            budget = _copy_member(zf, info, dest / name, budget, archive.name, limits)
+            names.append(name)
+    return names
+
+
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int, archive: str,
+                 limits: Limits) -> int:
+    """Copy one entry, counting the bytes actually unpacked against `budget`; returns
+    what is left of it."""
+    try:
+        with zf.open(info) as src, target.open("wb") as out:
+            while chunk := src.read(COPY_CHUNK):
+                budget -= len(chunk)
+                if budget < 0:
+                    raise UploadError(413, f"{archive} unpacks to more than {limits.max_unpacked_bytes / 2**20:.0f} "
+                                           "MB; a zip of one patient is far smaller")
+                out.write(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+        raise UploadError(422, f"{archive}: entry {info.filename!r} cannot be unpacked ({e})") from None
+    return budget
+
