@@ -360,3 +360,29 @@ def test_serve_refuses_a_port_in_use_and_bad_limits(capsys, tmp_path):
     assert "max_upload_mb must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="port must be in 0-65535"):
         ServeConfig(port=70000)
+
+
+def test_a_real_patient_round_trip_equals_tumorseg_predict(real_data, tmp_path):
+    """The shipped model on a real patient (a validation patient of its fold): the web
+    app's NIfTI mask and Dice are `tumorseg predict`'s and `evaluate`'s."""
+    from tumorseg.inference import Predictor
+    from tumorseg.metrics import score_patient
+
+    patient = "TCGA_DU_5853_19950823"
+    predictor = Predictor.from_checkpoints()
+    kaggle_to_nifti(real_data / patient, tmp_path / "nii")
+    folder = tmp_path / "nii" / patient
+    [cli] = predict([folder], tmp_path / "cli", predictor=predictor, show_progress=False)
+    with client_for(tmp_path, predictor) as client:
+        r = upload(client, [(p.name, p.read_bytes()) for p in sorted(folder.iterdir())])
+        assert r.status_code == 202, r.text
+        body = wait(client, r.json()["id"], timeout=300)
+        result = body["result"]
+        got = client.get(result["download"])
+    mine = np.asarray(nib.Nifti1Image.from_bytes(__import__("gzip").decompress(got.content)).dataobj)
+    expected = nib.load(str(tmp_path / "cli" / patient / f"{patient}_pred.nii.gz"))
+    assert np.array_equal(mine, np.asarray(expected.dataobj)) and mine.sum() == cli.tumour_pixels > 1000
+    assert result["volume_ml"] == pytest.approx(cli.volume_ml)
+    truth = np.asarray(nib.load(str(folder / f"{patient}_seg.nii.gz")).dataobj) > 0
+    assert result["dice"] == pytest.approx(score_patient(patient, mine > 0, truth, surface=False).dice)
+    assert result["dice"] > 0.85

@@ -454,8 +454,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                                            tta=a.tta, device=a.device, precision=a.precision, engine=a.engine)
     app = create_app(predictor, config, a.work_dir)
     shown = f"[{config.host}]" if ":" in config.host else config.host
-    print(f"tumorseg serve: model {predictor.source} on {predictor.engine.name}; open http://{shown}:{config.port}/ "
-          "in a browser (Ctrl-C stops)", flush=True)
+    print(f"tumorseg serve: model {predictor.source} ({predictor.engine.name}, {predictor.precision}); open "
+          f"http://{shown}:{config.port}/ in a browser (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
 
