@@ -231,8 +231,8 @@ CASES: list[tuple[str, Callable[[World], None], list[str], str]] = [
      "split names patients absent from the data: X1, X2"),
     ("fold-without-split", _nothing, [*EVALUATE, "--fold", "1"], "--fold needs --split (the splits.json of a run)"),
     # --- cross-validation and export
-    ("crossval-with-fold", _nothing, ["crossval", "--data", "{root}", "--out", "{tmp}/cv", "--fold", "1"],
-     "crossval trains every fold; drop --fold"),
+    ("crossval-fold-out-of-range", _nothing, ["crossval", "--data", "{root}", "--out", "{tmp}/cv", "--fold", "7"],
+     "--fold must be in 0..4, got 7"),
     ("crossval-crop-larger-than-slices", _nothing,
      ["crossval", *TRAIN[1:-3], "--crop", "64", "--out", "{tmp}/cv", "--no-progress"],
      "crop 64 is larger than the 32x32 slices of the data"),

@@ -55,6 +55,7 @@ class TrainingState:
     data_path: str | None = None
     sampler: str = ""  # data.sampling.SAMPLER of the run ("" before format 2)
     precision: str = ""  # the precision the run trains in ("auto" resolved; "" in older files)
+    world_size: int = 1  # training processes (torchrun); progress.step counts batches of batch_size x this
 
 
 @dataclass

@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train every fold of one patient split into RUN/fold_<k>, score each patient "
                                    "with the fold model that never saw it, and choose the threshold and "
                                    "post-processing on those out-of-fold predictions; writes RUN/crossval/. "
-                                   "Run it again to continue an interrupted cross-validation.")
+                                   "Run it again to continue an interrupted cross-validation. With --fold K it "
+                                   "trains fold K alone (one process per GPU, e.g. with --device cuda:K); run it "
+                                   "once more without --fold for the report.")
     p.add_argument("--data", required=True, help=f"{DATA_HELP} (required)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (required)")
     p.add_argument("--config", default=None, help="JSON/TOML/YAML file of config fields (default: none)")
@@ -222,7 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write an overlay PNG per slice (default: off)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help=f"slices per forward pass (default: {BATCH_SIZE})")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="predict only the K-th of N disjoint parts of the inputs (K from 0; for job arrays), with "
+                        "its rows in OUT/summary.shard-K-of-N.csv; join them with `tumorseg merge OUT` "
+                        "(default: all inputs)")
     _add_common_model_args(p)
+
+    p = sub.add_parser("merge", help="join the summaries of sharded predict runs (predict --shard K/N)",
+                       description="Merge OUT/summary.shard-K-of-N.csv, written by `tumorseg predict --shard K/N`, "
+                                   "into OUT/summary.csv (rows by volume; existing rows are kept), and say which "
+                                   "shards are missing.")
+    p.add_argument("out", metavar="OUT", help="the --out folder of the sharded predict runs")
 
     p = sub.add_parser("convert", help="kaggle_3m patients to NIfTI (for ITK-SNAP, 3D Slicer, nibabel), or back",
                        description="Write each kaggle_3m patient folder as NIfTI volumes OUT/<patient>/<patient>_"
@@ -295,6 +307,8 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    from tumorseg.distributed import shutdown as shutdown_distributed
+    from tumorseg.distributed import world_from_env
     from tumorseg.engine import run_training
 
     _set_threads(a.threads)
@@ -315,8 +329,16 @@ def _cmd_train(a: argparse.Namespace) -> int:
         inference = InferenceConfig().replace(**inference_options)
         name = f"fold{cfg.fold}" if cfg.fold >= 0 else "all"
         run_dir = Path(a.out) if a.out else Path("runs") / f"{a.preset or 'default'}-{name}"
-    result = run_training(run_dir, data=a.data, cfg=cfg, inference=inference, resume=bool(a.resume),
-                          split_file=a.split, device=a.device, show_progress=not a.no_progress)
+    world = world_from_env()
+    if not world.is_main:  # under torchrun only rank 0 prints
+        logging.getLogger("tumorseg").setLevel(logging.ERROR)
+    try:
+        result = run_training(run_dir, data=a.data, cfg=cfg, inference=inference, resume=bool(a.resume),
+                              split_file=a.split, device=a.device, show_progress=not a.no_progress and world.is_main)
+    finally:
+        shutdown_distributed()
+    if not world.is_main:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted: saved {run_dir / 'last.pt'}; continue with "
               f"`tumorseg train --resume {run_dir}`", file=sys.stderr)
@@ -333,11 +355,24 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
     from tumorseg.crossval import crossval
 
     _set_threads(a.threads)
+    from tumorseg.distributed import world_from_env
+
+    if world_from_env().distributed:
+        raise TumorsegError("crossval runs one process per fold, not under torchrun: start `tumorseg crossval ... "
+                            "--fold K --device cuda:K` for each fold K, then once without --fold for the report")
     options = {f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)}
-    if options.get("fold") is not None:
-        raise TumorsegError("crossval trains every fold; drop --fold")
+    only = options.pop("fold")
     cfg = merge_layers(a.preset, a.config, options)
-    report = crossval(cfg, a.data, a.out, device=a.device, precision=cfg.precision, show_progress=not a.no_progress)
+    if only is not None:
+        only = int(only)
+        if not 0 <= only < cfg.folds:
+            raise TumorsegError(f"--fold must be in 0..{cfg.folds - 1}, got {only}")
+    report = crossval(cfg, a.data, a.out, device=a.device, precision=cfg.precision, show_progress=not a.no_progress,
+                      only_fold=only)
+    if only is not None and report is not None:
+        print(f"fold {only} trained ({Path(a.out) / f'fold_{only}'}); when every fold is done, run the same command "
+              "without --fold for the out-of-fold report")
+        return 0
     if report is None:
         print(f"interrupted; continue with the same command (`tumorseg crossval ... --out {a.out}`)",
               file=sys.stderr)
@@ -408,13 +443,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from tumorseg.prediction import predict
+    from tumorseg.prediction import parse_shard, predict
 
     nifti = _nifti_files(a)
     summaries = predict(a.inputs, a.out, checkpoint=a.checkpoint, threshold=a.threshold,
                         postprocess=a.postprocess, overlay=a.overlay, tta=a.tta, precision=a.precision,
                         device=a.device, engine=a.engine, batch_size=a.batch_size, show_progress=not a.no_progress,
-                        save_probabilities=a.save_probabilities, nifti=nifti)
+                        save_probabilities=a.save_probabilities, nifti=nifti,
+                        shard=parse_shard(a.shard) if a.shard else None)
     width = max(len("volume"), *(len(s.volume) for s in summaries))
     print(f"{'volume':<{width}}  slices  tumour slices  tumour pixels  volume mL  removed by post-processing")
     for s in summaries:
@@ -422,6 +458,17 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         print(f"{s.volume:<{width}}  {s.slices:>6}  {s.tumour_slices:>13}  {s.tumour_pixels:>13}  {ml:>9}  "
               f"{s.removed_pixels:>26}")
     print(f"masks written to {a.out}/")
+    return 0
+
+
+def _cmd_merge(a: argparse.Namespace) -> int:
+    from tumorseg.prediction import merge_shard_summaries
+
+    rows, missing = merge_shard_summaries(a.out)
+    print(f"{Path(a.out) / 'summary.csv'}: {rows} volumes")
+    if missing:
+        print(f"tumorseg merge: warning: shard(s) {', '.join(missing)} have no summary yet", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -461,7 +508,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prepare": _cmd_prepare, "convert": _cmd_convert, "train": _cmd_train, "crossval": _cmd_crossval,
-            "export": _cmd_export, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "serve": _cmd_serve}
+            "export": _cmd_export, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "merge": _cmd_merge,
+            "serve": _cmd_serve}
 
 
 class _Lines(logging.Handler):

@@ -235,6 +235,8 @@ class TrainConfig:
     precision: str = _field("auto", "auto (fp32 or bf16, whichever a short timing of the model on this device "
                                     "finds faster; cached), bf16 or fp32")
     channels_last: bool = _field(True, "channels-last memory layout: true/false")
+    sync_bn: bool = _field(False, "under torchrun on CUDA: BatchNorm statistics over the global batch "
+                                  "(SyncBatchNorm) instead of each process's own shard: true/false")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(in_channels=len(self.channels), n_features=self.n_features, depth=self.depth,

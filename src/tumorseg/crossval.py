@@ -101,15 +101,15 @@ def fold_identity(path: Path) -> dict[str, Any]:
 
 
 def train_folds(cfg: TrainConfig, cache: Cache, run_dir: Path, *, device: str = "auto",
-                show_progress: bool = True, data_path: str | None = None) -> bool:
-    """Train every fold of the run that is not finished; returns False when a fold was
-    interrupted (Ctrl-C), True when all are done.
+                show_progress: bool = True, data_path: str | None = None, only: int | None = None) -> bool:
+    """Train every fold of the run that is not finished (or fold `only`); returns False
+    when a fold was interrupted (Ctrl-C), True when all are done.
 
     Raises:
         TumorsegError: a fold folder holds a model of another config or split.
     """
     split = prepare_run(cfg, cache, run_dir)
-    for k in range(len(split.folds)):
+    for k in range(len(split.folds)) if only is None else [only]:
         fold_dir = run_dir / f"fold_{k}"
         last = fold_dir / "last.pt"
         if last.is_file():
@@ -193,11 +193,16 @@ def crossval(
     precision: str = "auto",
     show_progress: bool = True,
     plots: bool = True,
+    only_fold: int | None = None,
 ) -> dict[str, Any] | None:
     """Train every fold of `cfg`'s split on the data at `data` into `run_dir`, then score
     each fold patient out of fold with the threshold and post-processing chosen on those
     predictions. Returns the report (None when training was interrupted: run it again to
     continue).
+
+    With `only_fold`, trains that fold alone and returns {"fold": only_fold}: several
+    processes (one per GPU) can train the folds of one run at once; a last call without
+    it then writes the report.
 
     Raises:
         TumorsegError: bad data or config, an unusable run folder, or a split that does
@@ -220,9 +225,11 @@ def crossval(
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=1) + "\n")
         finished = train_folds(cfg, cache, run_dir, device=device, show_progress=show_progress,
-                               data_path=str(Path(data).resolve()))
+                               data_path=str(Path(data).resolve()), only=only_fold)
     if not finished:
         return None
+    if only_fold is not None:
+        return {"fold": only_fold}
     split = prepare_run(cfg, cache, run_dir)
     oof = out_of_fold(cache, run_dir, split, device=device, precision=precision, show_progress=show_progress)
     truths = {p: np.asarray(cache.masks(p)) > 0 for p in oof}

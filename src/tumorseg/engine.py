@@ -32,6 +32,18 @@ from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.sampling import SAMPLER, batches_of, epoch_order, training_batch
 from tumorseg.data.splits import Split, load_split, make_split, save_split
+from tumorseg.distributed import (
+    SINGLE,
+    World,
+    broadcast,
+    gather,
+    shard_of,
+    split_patients,
+    stop_anywhere,
+    sum_across_ranks,
+    world_from_env,
+)
+from tumorseg.distributed import init as init_distributed
 from tumorseg.errors import TumorsegError
 from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir, undo_on_failure
 from tumorseg.inference import Predictor
@@ -69,12 +81,18 @@ def train_one_epoch(
     model: nn.Module, arrays: SliceArrays, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module, device: torch.device, dtype: torch.dtype | None, progress: EpochProgress,
     show_progress: bool = True, on_step: Callable[[EpochProgress], None] | None = None,
+    world: World = SINGLE,
 ) -> float:
     """Train on the batches of `progress.epoch` from `progress.step` on; returns the mean
-    training loss of the epoch. `progress` is updated after every step."""
+    training loss of the epoch (this process's). `progress` is updated after every step.
+
+    Under torchrun (`world`), a step's global batch is `cfg.batch_size` x world.size slices
+    of the epoch order, built (cropped, augmented) whole on every rank as in a single
+    process, and each rank trains on its shard; an incomplete last global batch is dropped.
+    """
     model.train()
     order = epoch_order(cfg, arrays.tumour(), progress.epoch)
-    batches = batches_of(order, cfg.batch_size)
+    batches = global_batches(order, cfg.batch_size, world.size)
     # A bar only on a terminal (disable=None): logs of background runs keep the epoch lines.
     bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
                unit="batch", disable=None if show_progress else True, leave=False, dynamic_ncols=True)
@@ -82,6 +100,9 @@ def train_one_epoch(
         for step in range(progress.step, len(batches)):
             t0 = time.perf_counter()
             x, y = training_batch(arrays, batches[step], cfg, progress.epoch, step)
+            if world.distributed:
+                shard = shard_of(x, world)
+                x, y = x[shard], y[shard]
             x, y = x.to(device), y.to(device)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -97,7 +118,7 @@ def train_one_epoch(
             dt = time.perf_counter() - t0
             progress.step = step + 1
             progress.loss_sum += float(loss.detach()) * x.shape[0]
-            progress.images += x.shape[0]
+            progress.images += x.shape[0] * world.size
             progress.seconds += dt
             bar.update(1)
             bar.set_postfix(loss=f"{progress.loss_sum / progress.images:.4f}",
@@ -106,7 +127,16 @@ def train_one_epoch(
                 on_step(progress)
     finally:
         bar.close()
-    return progress.loss_sum / max(progress.images, 1)
+    return progress.loss_sum * world.size / max(progress.images, 1)
+
+
+def global_batches(order: torch.Tensor, batch_size: int, world_size: int = 1) -> list[torch.Tensor]:
+    """The batches of an epoch order: of `batch_size` for one process; of batch_size x
+    world_size for several, without an incomplete last one (each rank needs a full shard)."""
+    if world_size == 1:
+        return batches_of(order, batch_size)
+    size = batch_size * world_size
+    return list(order[: len(order) // size * size].split(size))
 
 
 def validate(predictor: Predictor, arrays: SliceArrays, loss_fn: nn.Module) -> dict[str, Any]:
@@ -124,12 +154,22 @@ def validate(predictor: Predictor, arrays: SliceArrays, loss_fn: nn.Module) -> d
             n += z.shape[0]
         pred = binarize(out.probabilities, predictor.inference)
         dices[patient] = score_patient(patient, pred, y[:, 0].numpy() > 0, surface=False).dice
+    return merge_validations([{"loss_sum": loss_sum, "slices": n, "per_patient": dices}])
+
+
+def merge_validations(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One validation result from the parts of several processes (each a share of the
+    patients): the loss over all slices, per-patient Dice over all patients."""
+    dices = {p: d for part in parts for p, d in part["per_patient"].items()}
+    loss_sum, n = sum(part["loss_sum"] for part in parts), sum(part["slices"] for part in parts)
     values = np.array(list(dices.values()))
     return {
         "val_loss": loss_sum / max(n, 1),
-        "val_dice_mean": float(values.mean()),
-        "val_dice_median": float(np.median(values)),
-        "per_patient": dices,
+        "val_dice_mean": float(values.mean()) if len(values) else math.nan,
+        "val_dice_median": float(np.median(values)) if len(values) else math.nan,
+        "per_patient": dict(sorted(dices.items())),
+        "loss_sum": loss_sum,
+        "slices": n,
     }
 
 
@@ -169,9 +209,9 @@ class FitResult:
 
 
 def prepare_split(cfg: TrainConfig, cache: Cache, run_dir: Path, split_file: str | Path | None,
-                  resume: bool = False) -> Split:
+                  resume: bool = False, write: bool = True) -> Split:
     """The split of this run: the run's own splits.json when resuming, `split_file` if
-    given, or a new seeded split; always written to RUN_DIR/splits.json."""
+    given, or a new seeded split; written to RUN_DIR/splits.json (with `write`)."""
     own = run_dir / "splits.json"
     if resume and own.is_file():
         split = load_split(own)
@@ -184,7 +224,8 @@ def prepare_split(cfg: TrainConfig, cache: Cache, run_dir: Path, split_file: str
         raise TumorsegError(f"split names patients absent from the data: {', '.join(missing[:5])}")
     if len(split.folds) != cfg.folds:
         raise TumorsegError(f"split has {len(split.folds)} folds, config asks for {cfg.folds}")
-    save_split(split, own)
+    if write:
+        save_split(split, own)
     return split
 
 
@@ -221,16 +262,33 @@ def fit(
     """
     run_dir = Path(run_dir)
     last_path = run_dir / "last.pt"
+    world = world_from_env()
     state = check_run_dir(run_dir, resume)
     if state is not None:
         assert state.train_config is not None  # check_run_dir
         cfg, inference = state.train_config, state.inference
     inference = inference or InferenceConfig()
+    if not world.is_main:  # only rank 0 writes
+        return _fit(cfg, cache, run_dir, inference, state, device, split_file, False, on_epoch,
+                    stop_after_steps, data_path, world)
     # A failure before the first checkpoint leaves no half-made run behind.
     with undo_on_failure(run_dir, ("config.json", "inference.json", "splits.json"), kept=last_path.exists):
         prepare_output_dir(run_dir)
         return _fit(cfg, cache, run_dir, inference, state, device, split_file, show_progress, on_epoch,
-                    stop_after_steps, data_path)
+                    stop_after_steps, data_path, world)
+
+
+def resumed_step(step: int, batch_size: int, saved_world: int, world: int) -> int:
+    """The step to resume at with `world` processes after `step` steps with `saved_world`:
+    the same; or, for another world size (another global batch), the first whole new
+    batch at or after the same position in the epoch's order (a few slices may repeat)."""
+    if saved_world == world:
+        return step
+    done = step * batch_size * saved_world
+    new = done // (batch_size * world)
+    log.warning(f"resuming a run of {saved_world} process(es) with {world}: the global batch becomes "
+                f"{batch_size * world} slices; the epoch continues at slice {new * batch_size * world} of its order")
+    return new
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> Checkpoint | None:
@@ -262,32 +320,40 @@ def check_run_dir(run_dir: Path, resume: bool) -> Checkpoint | None:
 def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConfig, state: Checkpoint | None,
          device: str, split_file: str | Path | None, show_progress: bool,
          on_epoch: Callable[[dict[str, Any]], None] | None, stop_after_steps: int | None,
-         data_path: str | None) -> FitResult:
+         data_path: str | None, world: World) -> FitResult:
     from tumorseg.plots import plot_training_curves
 
     resume = state is not None
     last_path = run_dir / "last.pt"
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
-    atomic_write_text(run_dir / "inference.json", json.dumps(inference.to_dict(), indent=1) + "\n")
-    split = prepare_split(cfg, cache, run_dir, split_file, resume)
+    main = world.is_main
+    if main:
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+        atomic_write_text(run_dir / "inference.json", json.dumps(inference.to_dict(), indent=1) + "\n")
+    split = prepare_split(cfg, cache, run_dir, split_file, resume, write=main)
     if cfg.fold < 0:  # a final model: every non-test patient trains, nothing validates
         train_patients, val_patients = split.train_all(), []
     else:
         train_patients, val_patients = split.train(cfg.fold), split.val(cfg.fold)
 
-    dev = select_device(device)
+    dev = init_distributed(world, select_device(device))
+    if cfg.sync_bn and world.distributed and dev.type != "cuda":
+        raise TumorsegError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU version); on the CPU each "
+                            "process normalises its own shard: drop --sync-bn")
     model, optimizer, scheduler, loss_fn = build_training(cfg, dev)
     recorded = state.training.precision if state is not None and state.training is not None else ""
     if cfg.precision == "auto" and recorded:  # a resumed run keeps the precision it started in
         dtype = resolve_precision(recorded, dev)
-    else:
+    elif main:
         side = cfg.crop or 256
         dtype = resolve_precision(cfg.precision, dev, model, train=True,
                                   sample=(cfg.batch_size, len(cfg.channels), side, side),
                                   channels_last=cfg.channels_last)
+    if world.distributed:  # every rank trains in rank 0's choice
+        dtype = resolve_precision(broadcast(precision_name(dtype) if main else ""), dev)
     what = f"fold {cfg.fold} of {cfg.folds}" if cfg.fold >= 0 else "every non-test patient"
+    processes = f", {world.size} processes (global batch {cfg.batch_size * world.size})" if world.distributed else ""
     log.info(f"training {what} into {run_dir} ({'resuming' if resume else 'new run'}) on {dev}, "
-             f"{precision_name(dtype)}")
+             f"{precision_name(dtype)}{processes}")
     history: list[dict[str, Any]] = []
     progress = EpochProgress()
     best: dict[str, Any] = {"epoch": 0, "dice": -math.inf}
@@ -301,13 +367,23 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
         progress = EpochProgress(**state.training.progress)
         history, best, last_metrics = list(state.history), dict(state.best), dict(state.metrics)
         data_path = data_path or state.training.data_path
+        progress.step = resumed_step(progress.step, cfg.batch_size, state.training.world_size, world.size)
+    if cfg.sync_bn and world.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    trained: nn.Module = model
+    if world.distributed:  # gradients averaged across ranks in backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    train_loss_fn = make_loss(cfg.loss, pool=sum_across_ranks)  # validation keeps `loss_fn`: no collectives
 
     train = load_arrays(cache, train_patients, cfg.channels)
     height, width = train.images.shape[-2:]
     if cfg.crop > min(height, width):
         raise TumorsegError(f"crop {cfg.crop} is larger than the {height}x{width} slices of the data; "
                             f"use --crop {min(height, width)} or less, or --crop 0 for whole slices")
-    val = load_arrays(cache, val_patients, cfg.channels) if val_patients else None
+    mine = split_patients(val_patients, world)  # validation is sharded by patient, then gathered
+    val = load_arrays(cache, mine, cfg.channels) if mine else None
     # The live model, unfused: validation sees exactly the weights being trained.
     predictor = Predictor([model], channels=cfg.channels, inference=inference, device=dev,
                           precision=precision_name(dtype), channels_last=cfg.channels_last, fuse=False)
@@ -319,7 +395,8 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
             split={"fold": cfg.fold, "train": train_patients, "val": val_patients},
             training=TrainingState(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                    rng={"torch": torch.get_rng_state()}, progress=asdict(progress),
-                                   data_path=data_path, sampler=SAMPLER, precision=precision_name(dtype)),
+                                   data_path=data_path, sampler=SAMPLER, precision=precision_name(dtype),
+                                   world_size=world.size),
         ))
 
     steps_done = 0
@@ -331,14 +408,18 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
             steps_done += 1
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 stop.requested = True
+            if world.distributed:  # a signal on any rank stops every rank at this step
+                stop.requested = stop_anywhere(stop.requested, dev)
             stop.check()
 
         try:
             while progress.epoch < cfg.epochs:
-                train_loss = train_one_epoch(model, train, cfg, optimizer, loss_fn, dev, dtype, progress,
-                                             show_progress, on_step)
-                if val is not None:
-                    v = validate(predictor, val, loss_fn)
+                train_loss = train_one_epoch(trained, train, cfg, optimizer, train_loss_fn, dev, dtype, progress,
+                                             show_progress, on_step, world)
+                if val_patients:
+                    part = validate(predictor, val, loss_fn) if val is not None else \
+                        {"loss_sum": 0.0, "slices": 0, "per_patient": {}}
+                    v = merge_validations(gather(part))
                 else:
                     v = {"val_loss": math.nan, "val_dice_mean": math.nan, "val_dice_median": math.nan,
                          "per_patient": {}}
@@ -355,15 +436,16 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                     scheduler.step()
                 progress = EpochProgress(epoch=progress.epoch + 1)
-                improved = val is not None and v["val_dice_mean"] > best["dice"]
+                improved = bool(val_patients) and v["val_dice_mean"] > best["dice"]
                 if improved:
                     best = {"epoch": row["epoch"], "dice": v["val_dice_mean"]}
                 last_metrics = {**row, "val_per_patient": v["per_patient"]}
-                if improved:  # best.pt first: last.pt never names a best epoch not yet saved
-                    checkpoint(run_dir / "best.pt")
-                checkpoint(last_path)
-                write_metrics_csv(history, run_dir / "metrics.csv")
-                plot_training_curves(history, run_dir / "training_curves.png")
+                if main:
+                    if improved:  # best.pt first: last.pt never names a best epoch not yet saved
+                        checkpoint(run_dir / "best.pt")
+                    checkpoint(last_path)
+                    write_metrics_csv(history, run_dir / "metrics.csv")
+                    plot_training_curves(history, run_dir / "training_curves.png")
                 log.info(
                     f"epoch {row['epoch']}/{cfg.epochs}: train loss {train_loss:.4f}  "
                     f"val loss {v['val_loss']:.4f}  val Dice mean {v['val_dice_mean']:.4f} "
@@ -375,7 +457,8 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
                 stop.check()
         except StopTraining:
             interrupted = True
-            checkpoint(last_path)
+            if main:
+                checkpoint(last_path)
         except KeyboardInterrupt:  # second Ctrl-C: the state may be torn, keep the last save
             interrupted = True
     best_dice = float(best["dice"]) if best["epoch"] else math.nan

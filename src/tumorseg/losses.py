@@ -7,9 +7,13 @@ leading batch dimension works) and `logits`: True when `pred` holds raw model ou
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+Pool = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -21,14 +25,18 @@ def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, *, logits: bool,
-                   smooth: float = 1.0) -> torch.Tensor:
+                   smooth: float = 1.0, pool: Pool | None = None) -> torch.Tensor:
     """The loss of the original: 1 - (2·Σpg + s) / (Σp + Σg + s), sums pooled over the
-    whole batch. An empty target with an empty prediction gives 0."""
+    whole batch. An empty target with an empty prediction gives 0. `pool`, when given,
+    maps the three sums (a tensor of 3) to the sums of a larger batch (data-parallel
+    training adds those of every process)."""
     _check(pred, target)
     p = torch.sigmoid(pred.float()) if logits else pred.float()
     g = target.float()
-    inter = (p * g).sum()
-    return 1.0 - (2.0 * inter + smooth) / (p.sum() + g.sum() + smooth)
+    sums = torch.stack([(p * g).sum(), p.sum(), g.sum()])
+    if pool is not None:
+        sums = pool(sums)
+    return 1.0 - (2.0 * sums[0] + smooth) / (sums[1] + sums[2] + smooth)
 
 
 def per_image_dice_loss(pred: torch.Tensor, target: torch.Tensor, *, logits: bool,
@@ -42,7 +50,7 @@ def per_image_dice_loss(pred: torch.Tensor, target: torch.Tensor, *, logits: boo
 
 
 def bce_dice_loss(pred: torch.Tensor, target: torch.Tensor, *, logits: bool,
-                  smooth: float = 1.0, bce_weight: float = 1.0) -> torch.Tensor:
+                  smooth: float = 1.0, bce_weight: float = 1.0, pool: Pool | None = None) -> torch.Tensor:
     """Binary cross-entropy (mean over pixels) + batch-pooled soft Dice loss.
     With logits, BCE uses the numerically stable `binary_cross_entropy_with_logits`."""
     _check(pred, target)
@@ -50,37 +58,39 @@ def bce_dice_loss(pred: torch.Tensor, target: torch.Tensor, *, logits: bool,
         bce = F.binary_cross_entropy_with_logits(pred.float(), target.float())
     else:
         bce = F.binary_cross_entropy(pred.float().clamp(1e-7, 1 - 1e-7), target.float())
-    return bce_weight * bce + soft_dice_loss(pred, target, logits=logits, smooth=smooth)
+    return bce_weight * bce + soft_dice_loss(pred, target, logits=logits, smooth=smooth, pool=pool)
 
 
 class DiceLoss(nn.Module):
     """Batch-pooled soft Dice loss (the original's). `logits` says what `pred` holds."""
 
-    def __init__(self, logits: bool = True, smooth: float = 1.0, per_image: bool = False):
+    def __init__(self, logits: bool = True, smooth: float = 1.0, per_image: bool = False, pool: Pool | None = None):
         super().__init__()
-        self.logits, self.smooth, self.per_image = logits, smooth, per_image
+        self.logits, self.smooth, self.per_image, self.pool = logits, smooth, per_image, pool
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        fn = per_image_dice_loss if self.per_image else soft_dice_loss
-        return fn(pred, target, logits=self.logits, smooth=self.smooth)
+        if self.per_image:
+            return per_image_dice_loss(pred, target, logits=self.logits, smooth=self.smooth)
+        return soft_dice_loss(pred, target, logits=self.logits, smooth=self.smooth, pool=self.pool)
 
 
 class BCEDiceLoss(nn.Module):
-    def __init__(self, logits: bool = True, smooth: float = 1.0, bce_weight: float = 1.0):
+    def __init__(self, logits: bool = True, smooth: float = 1.0, bce_weight: float = 1.0, pool: Pool | None = None):
         super().__init__()
-        self.logits, self.smooth, self.bce_weight = logits, smooth, bce_weight
+        self.logits, self.smooth, self.bce_weight, self.pool = logits, smooth, bce_weight, pool
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return bce_dice_loss(pred, target, logits=self.logits, smooth=self.smooth,
-                             bce_weight=self.bce_weight)
+                             bce_weight=self.bce_weight, pool=self.pool)
 
 
-def make_loss(name: str) -> nn.Module:
-    """The training loss by config name (the model outputs logits)."""
+def make_loss(name: str, pool: Pool | None = None) -> nn.Module:
+    """The training loss by config name (the model outputs logits); `pool` see
+    `soft_dice_loss` (means over images or pixels need none: DDP averages them)."""
     if name == "dice":
-        return DiceLoss(logits=True)
+        return DiceLoss(logits=True, pool=pool)
     if name == "dice_per_image":
         return DiceLoss(logits=True, per_image=True)
     if name == "bce_dice":
-        return BCEDiceLoss(logits=True)
+        return BCEDiceLoss(logits=True, pool=pool)
     raise ValueError(f"unknown loss {name!r}; choose dice, dice_per_image or bce_dice")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -51,7 +52,7 @@ from tumorseg.data.nifti import (
     write_nifti,
 )
 from tumorseg.data.slices import IMAGE_SUFFIXES, read_volume, slice_images, write_image, write_mask
-from tumorseg.errors import DataError
+from tumorseg.errors import ConfigError, DataError
 from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
 from tumorseg.inference import BATCH_SIZE, Predictor, Progress, check_model_arguments
 
@@ -140,11 +141,14 @@ def predict(
     save_probabilities: bool = False,
     nifti: NiftiFiles | None = None,
     progress: Progress | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[VolumeSummary]:
     """Predict tumour masks for `inputs` (and the NIfTI patient `nifti`, given by its
     files) and write them under `out_dir`; `save_probabilities` also writes the
     probability maps (and, for an ensemble, their spread across the models).
-    `progress(done, total)` follows the slices of each volume.
+    `progress(done, total)` follows the slices of each volume. With `shard` (k, n) only
+    the k-th of n disjoint parts of the volumes is predicted (`shard_volumes`), and its
+    rows go to `summary.shard-<k>-of-<n>.csv`, for `merge_shard_summaries` to join.
 
     The model is `predictor`, or `Predictor.from_checkpoints(checkpoint, ...)` (None: the
     shipped model) with threshold/postprocess/tta overriding its stored settings.
@@ -161,8 +165,12 @@ def predict(
         volumes.append(Volume(nifti.name, [], nifti))
     if not volumes:
         raise DataError("nothing to predict: pass INPUT paths or --flair")
+    summary_name = "summary.csv"
+    if shard is not None:
+        volumes = shard_volumes(volumes, *shard)
+        summary_name = f"summary.shard-{shard[0]}-of-{shard[1]}.csv"
     out = check_output_dir(out_dir)
-    read_summary(out / "summary.csv")  # a table we could not merge into fails now, not after the work
+    read_summary(out / summary_name)  # a table we could not merge into fails now, not after the work
     if predictor is None:
         predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess, tta=tta,
                                                device=device, precision=precision, engine=engine,
@@ -187,9 +195,65 @@ def predict(
                         write_image(vdir / f"{f.stem}_prob_spread.png", _probability_png(seg.spread[i]))
             summary = VolumeSummary(vol.name, len(masks), int(masks.reshape(len(masks), -1).any(1).sum()),
                                     int(masks.sum()), seg.removed_voxels)
-        merge_summary(out / "summary.csv", [summary])  # at once: a later failure loses no row
+        merge_summary(out / summary_name, [summary])  # at once: a later failure loses no row
         summaries.append(summary)
     return summaries
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"K/N" -> (K, N), 0 <= K < N.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4 for the first of 4 parts), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_volumes(volumes: list[Volume], k: int, n: int) -> list[Volume]:
+    """The k-th of n parts of `volumes`: every n-th volume in name order from the k-th.
+    The parts are disjoint and together complete, whatever order the inputs came in."""
+    return sorted(volumes, key=lambda v: v.name)[k::n]
+
+
+def merge_shard_summaries(out_dir: str | Path) -> tuple[int, list[str]]:
+    """Join the `summary.shard-K-of-N.csv` tables of `out_dir` into its summary.csv (rows
+    merged by volume, as one run's); returns (rows in summary.csv, missing shards as
+    "K/N").
+
+    Raises:
+        DataError: no shard tables, tables of different N, or an unreadable table.
+    """
+    out = Path(out_dir)
+    found: dict[tuple[int, int], Path] = {}
+    for path in sorted(out.glob("summary.shard-*-of-*.csv")):
+        m = re.fullmatch(r"summary\.shard-(\d+)-of-(\d+)\.csv", path.name)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)))] = path
+    if not found:
+        raise DataError(f"{out} holds no summary.shard-K-of-N.csv; run `tumorseg predict ... --shard K/N --out {out}` "
+                        "first")
+    sizes = sorted({n for _, n in found})
+    if len(sizes) > 1:
+        raise DataError(f"{out} holds shard tables of {' and '.join(map(str, sizes))} parts; keep one --shard N")
+    n = sizes[0]
+    rows: dict[str, dict[str, str]] = {}
+    for path in found.values():
+        rows.update(read_summary(path))
+    summaries = [VolumeSummary(**{k: _typed(k, r.get(k, "")) for k in SUMMARY_FIELDS}) for r in rows.values()]
+    merge_summary(out / "summary.csv", summaries)
+    missing = [f"{k}/{n}" for k in range(n) if (k, n) not in found]
+    return len(read_summary(out / "summary.csv")), missing
+
+
+def _typed(field_name: str, value: str) -> object:
+    if field_name == "volume":
+        return value
+    if field_name == "volume_ml":
+        return float(value) if value else None
+    return int(value) if value else 0
 
 
 def _probability_png(p: np.ndarray) -> np.ndarray:
