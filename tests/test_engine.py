@@ -282,3 +282,23 @@ def test_auto_precision_is_recorded_and_kept_on_resume(cache, tmp_path, monkeypa
     done = fit(tiny_config(precision="auto", epochs=2), cache, run, resume=True, show_progress=False)
     assert done.epochs_done == 2
     assert load_checkpoint(run / "last.pt").training.precision == "bf16"
+
+
+def test_validation_scores_each_patient_at_its_own_size(make_kaggle, tmp_path):
+    """Patients padded to a common size for batching are scored without the padding: the
+    same Dice and loss as when validated alone."""
+    from test_nifti import unet_predictor
+
+    from tumorseg.data.dataset import load_arrays
+    from tumorseg.engine import merge_validations, validate
+    from tumorseg.losses import make_loss
+
+    a = make_kaggle(name="a", patients={"PAT_A_1": 4}, size=(32, 32), strays=False)
+    b = make_kaggle(name="b", patients={"PAT_B_1": 4}, size=(24, 16), strays=False, seed=1)
+    (b.root / "PAT_B_1").rename(a.root / "PAT_B_1")
+    cache = prepare(a.root, tmp_path / "cache", progress=False)
+    predictor, loss = unet_predictor(), make_loss("bce_dice")
+    both = validate(predictor, load_arrays(cache, ["PAT_A_1", "PAT_B_1"]), loss)
+    alone = merge_validations([validate(predictor, load_arrays(cache, [p]), loss) for p in ("PAT_A_1", "PAT_B_1")])
+    assert both["per_patient"] == alone["per_patient"]
+    assert both["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-6)

@@ -30,7 +30,11 @@ from tumorseg.serve.app import create_app  # noqa: E402
 
 def client_for(tmp_path: Path, predictor=None, **config) -> TestClient:
     app = create_app(predictor or unet_predictor(), ServeConfig(**config), tmp_path / "jobs")
-    return TestClient(app, raise_server_exceptions=False)
+    return TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1")
+
+
+def jobs_root(client: TestClient) -> Path:
+    return client.app.state.store.root
 
 
 def wait(client: TestClient, job_id: str, timeout: float = 120.0) -> dict:
@@ -92,7 +96,7 @@ def test_a_zipped_patient_gives_predicts_masks(kaggle, tmp_path):
         assert vol.shape == (32, 32, 12) and int(np.asarray(vol.dataobj).sum()) == expected.tumour_pixels
         per_slice = np.asarray(vol.dataobj).sum(axis=(0, 1))
         assert result["tumour_slice"] == int(per_slice.argmax())
-    assert not (tmp_path / "jobs").exists()  # shutdown removes every job's files
+    assert list((tmp_path / "jobs").iterdir()) == []  # shutdown removes every job's files, and only them
 
 
 def test_nifti_files_give_predicts_mask_volume_and_dice(kaggle, tmp_path):
@@ -112,8 +116,8 @@ def test_nifti_files_give_predicts_mask_volume_and_dice(kaggle, tmp_path):
         cli = nib.load(str(tmp_path / "cli" / PATIENT / f"{PATIENT}_pred.nii.gz"))
         assert np.array_equal(np.asarray(mine.dataobj), np.asarray(cli.dataobj))
         assert np.allclose(mine.affine, cli.affine)
-        job_dir = tmp_path / "jobs" / body["id"]
-        assert not (job_dir / "input").exists()  # the upload is removed when the job ends
+        job_dir = jobs_root(client) / body["id"]
+        assert job_dir.is_dir() and not (job_dir / "input").exists()  # the upload is removed when the job ends
 
 
 def test_one_nifti_file_alone_is_taken_as_flair(kaggle, tmp_path):
@@ -152,7 +156,7 @@ def test_an_upload_over_the_limit_is_413_and_never_read_whole(tmp_path):
 
         r = client.post("/api/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
         assert r.status_code == 413 and "larger than 1 MB" in r.json()["detail"]
-    assert not (tmp_path / "jobs").exists()
+        assert list(jobs_root(client).iterdir()) == []
 
 
 def _zip(entries: list[tuple[str, bytes]], symlink: str | None = None) -> bytes:
@@ -187,8 +191,8 @@ def test_hostile_zips_are_refused_and_leave_nothing(archive, status, message, tm
         assert r.status_code == status, r.text
         assert message in r.json()["detail"] and "Traceback" not in r.text
         assert "/jobs/" not in r.json()["detail"]  # no server paths in messages
-        assert list((tmp_path / "jobs").iterdir()) == []  # the refused job's files are gone
-    assert files_under(tmp_path.parent) - outside == set()
+        assert list(jobs_root(client).iterdir()) == []  # the refused job's files are gone
+    assert files_under(tmp_path.parent) - outside == {tmp_path / "jobs"}  # the work dir, left empty
 
 
 def _nifti(shape) -> bytes:
@@ -278,7 +282,7 @@ def test_many_requests_at_once_get_202_or_429_never_500(kaggle, tmp_path):
         r = upload(client, [("p.zip", archive)])
         assert r.status_code == 429 and "try again" in r.json()["detail"]
         gate.event.set()
-        jobs = [j for j in (tmp_path / "jobs").iterdir()]
+        jobs = list(jobs_root(client).iterdir())
         assert len(jobs) == 3
         for j in jobs:
             assert wait(client, j.name)["status"] == "done"
@@ -290,9 +294,9 @@ def test_finished_jobs_are_deleted_after_keep_minutes(kaggle, tmp_path):
         job_id = upload(client, [("p.zip", zip_folder(kaggle.root / "PAT_B_2002"))]).json()["id"]
         wait(client, job_id)
         store = client.app.state.store
-        assert store.sweep(now=time.monotonic() + 30) == 0 and (tmp_path / "jobs" / job_id).is_dir()
+        assert store.sweep(now=time.monotonic() + 30) == 0 and (store.root / job_id).is_dir()
         assert store.sweep(now=time.monotonic() + 61) == 1
-        assert not (tmp_path / "jobs" / job_id).exists()
+        assert not (store.root / job_id).exists()
         assert client.get(f"/api/jobs/{job_id}").status_code == 404
 
 
@@ -309,7 +313,7 @@ def test_a_failing_job_reports_why_and_keeps_serving(kaggle, tmp_path):
         body = wait(client, job_id)
         assert body["status"] == "failed" and body["error"] == "internal error (RuntimeError); see the log"
         assert client.get(f"/api/jobs/{job_id}/mask").status_code == 409
-        assert not (tmp_path / "jobs" / job_id / "input").exists()
+        assert not (jobs_root(client) / job_id / "input").exists()
         assert client.get("/").status_code == 200
 
 
@@ -386,3 +390,28 @@ def test_a_real_patient_round_trip_equals_tumorseg_predict(real_data, tmp_path):
     truth = np.asarray(nib.load(str(folder / f"{patient}_seg.nii.gz")).dataobj) > 0
     assert result["dice"] == pytest.approx(score_patient(patient, mine > 0, truth, surface=False).dice)
     assert result["dice"] > 0.85
+
+
+def test_decoded_size_cross_site_and_host_checks(kaggle, tmp_path):
+    big = nib.Nifti1Image(np.zeros((512, 512, 256), dtype=np.uint8), np.eye(4)).to_bytes()
+    import gzip
+
+    with client_for(tmp_path, max_unpacked_mb=64) as client:
+        r = upload(client, [("big_flair.nii.gz", gzip.compress(big))])  # 65 KB on the wire, 256 MB as float32
+        assert r.status_code == 413 and "decodes to more than 64 MB" in r.json()["detail"]
+        r = client.post("/api/predict", files=[("files", ("a_1.tif", b"x"))], headers={"origin": "http://evil.example"})
+        assert r.status_code == 403 and "cross-site" in r.json()["detail"]
+        r = client.get("/", headers={"host": "rebound.example"})
+        assert r.status_code == 400
+        r = upload(client, [(f"x_{i}.tif", b"x") for i in range(2001)])
+        assert r.status_code == 413 and "more than 2000 files" in r.json()["detail"]
+
+
+def test_work_dir_is_never_deleted_only_the_apps_own_folder(tmp_path):
+    keep = tmp_path / "mine.txt"
+    keep.write_text("precious")
+    app = create_app(unet_predictor(), ServeConfig(), tmp_path)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        root = client.app.state.store.root
+        assert root.parent == tmp_path and root.is_dir()
+    assert keep.read_text() == "precious" and not root.exists()

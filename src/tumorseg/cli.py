@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"serve_{f.name}", type=type(f.default),
                        default=f.default, help=f"{field_help(ServeConfig, f.name)} (default: {f.default})")
     p.add_argument("--work-dir", default=None,
-                   help="folder for the jobs' files, deleted at shutdown (default: a new temporary folder)")
+                   help="where the jobs' files go: a new subfolder of it, deleted at shutdown (default: the "
+                        "system's temporary folder)")
     _add_common_model_args(p)
     return parser
 
@@ -451,6 +452,9 @@ def _cmd_predict(a: argparse.Namespace) -> int:
                         device=a.device, engine=a.engine, batch_size=a.batch_size, show_progress=not a.no_progress,
                         save_probabilities=a.save_probabilities, nifti=nifti,
                         shard=parse_shard(a.shard) if a.shard else None)
+    if not summaries:
+        print(f"nothing in this shard ({a.shard}); its empty table is in {a.out}/")
+        return 0
     width = max(len("volume"), *(len(s.volume) for s in summaries))
     print(f"{'volume':<{width}}  slices  tumour slices  tumour pixels  volume mL  removed by post-processing")
     for s in summaries:
@@ -472,16 +476,13 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def _cmd_serve(a: argparse.Namespace) -> int:
     import socket
 
     try:
         import uvicorn
 
-        from tumorseg.serve.app import create_app
+        from tumorseg.serve.app import LOOPBACK_HOSTS, create_app
     except ImportError as e:
         raise TumorsegError(f"tumorseg serve needs FastAPI and uvicorn ({e.name} is missing); install them with "
                             "pip install 'tumorseg[serve]'") from None
@@ -494,7 +495,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         except OSError as e:
             raise TumorsegError(f"cannot listen on {config.host}:{config.port} ({e.strerror or e}); pass another "
                                 "--port (or --host)") from None
-    if config.host not in LOOPBACK:
+    if config.host not in LOOPBACK_HOSTS:
         warnings.warn(f"listening on {config.host}: anyone who can reach this computer on port {config.port} can "
                       "upload scans and read results; there is no login", stacklevel=1)
     predictor = Predictor.from_checkpoints(a.checkpoint, threshold=a.threshold, postprocess=a.postprocess,

@@ -221,7 +221,9 @@ def crossval(
             raise TumorsegError(f"{config_path} holds another config than this command's; continue the run with "
                                 "its own settings (see that file) or choose another --out")
     # A failure before any fold saved a checkpoint leaves nothing behind.
-    with undo_on_failure(run_dir, ("config.json", "splits.json"), kept=lambda: any(run_dir.glob("fold_*/last.pt"))):
+    # (With only_fold, other processes share these files: they are never undone.)
+    with undo_on_failure(run_dir, ("config.json", "splits.json"),
+                         kept=lambda: only_fold is not None or any(run_dir.glob("fold_*/last.pt"))):
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=1) + "\n")
         finished = train_folds(cfg, cache, run_dir, device=device, show_progress=show_progress,

@@ -11,8 +11,8 @@ no-op for a single process, so training has one code path.
 - Losses: gradients are averaged across ranks (DDP); the batch-pooled Dice sums are
   added across ranks first (`sum_across_ranks`, with autograd), so the loss and its
   gradient are those of the global batch.
-- Only rank 0 writes files and prints; `stop_anywhere` turns a Ctrl-C or SIGTERM on any
-  rank into a stop of every rank at the same step.
+- Only rank 0 writes files and prints; `any_rank` turns a Ctrl-C or SIGTERM on any rank
+  into a stop of every rank at the same step (after each step and after validation).
 """
 
 from __future__ import annotations
@@ -134,13 +134,19 @@ def broadcast(value: T) -> T:
     return box[0]
 
 
-def stop_anywhere(requested: bool, device: torch.device) -> bool:
-    """True on every rank when any rank asks to stop (one small all_reduce per step)."""
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank (a stop request, a diverged
+    loss): one small all_reduce, so that every rank takes the same branch."""
     if not active():
-        return requested
-    flag = torch.tensor([1.0 if requested else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
 
 
 def split_patients(patients: Sequence[str], world: World) -> list[str]:

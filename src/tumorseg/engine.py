@@ -35,11 +35,12 @@ from tumorseg.data.splits import Split, load_split, make_split, save_split
 from tumorseg.distributed import (
     SINGLE,
     World,
+    any_rank,
+    barrier,
     broadcast,
     gather,
     shard_of,
     split_patients,
-    stop_anywhere,
     sum_across_ranks,
     world_from_env,
 )
@@ -109,7 +110,7 @@ def train_one_epoch(
             with autocast(device, dtype):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
+            if any_rank(not bool(torch.isfinite(loss)), device):  # every rank stops, or none
                 raise TumorsegError(f"training loss became {loss.item()} at epoch {progress.epoch + 1} "
                                     f"step {step}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
@@ -117,7 +118,8 @@ def train_one_epoch(
             optimizer.step()
             dt = time.perf_counter() - t0
             progress.step = step + 1
-            progress.loss_sum += float(loss.detach()) * x.shape[0]
+            # images count the global batch; loss_sum / images is this process's mean loss
+            progress.loss_sum += float(loss.detach()) * x.shape[0] * world.size
             progress.images += x.shape[0] * world.size
             progress.seconds += dt
             bar.update(1)
@@ -127,7 +129,7 @@ def train_one_epoch(
                 on_step(progress)
     finally:
         bar.close()
-    return progress.loss_sum * world.size / max(progress.images, 1)
+    return progress.loss_sum / max(progress.images, 1)
 
 
 def global_batches(order: torch.Tensor, batch_size: int, world_size: int = 1) -> list[torch.Tensor]:
@@ -146,7 +148,7 @@ def validate(predictor: Predictor, arrays: SliceArrays, loss_fn: nn.Module) -> d
     loss_sum, n = 0.0, 0
     dices: dict[str, float] = {}
     for i, patient in enumerate(arrays.patients):
-        x, y = arrays.batch(arrays.patient_slices(i))
+        x, y = arrays.patient_batch(i)  # at the patient's own size: scores never depend on the others
         out = predictor.predict(x, logits=True)
         assert out.logits is not None  # asked for
         for z, t in zip(out.logits.split(predictor.batch_size), y.split(predictor.batch_size), strict=True):
@@ -378,6 +380,10 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
     train_loss_fn = make_loss(cfg.loss, pool=sum_across_ranks)  # validation keeps `loss_fn`: no collectives
 
     train = load_arrays(cache, train_patients, cfg.channels)
+    per_epoch = cfg.samples_per_epoch or len(train)
+    if per_epoch < cfg.batch_size * world.size:
+        raise TumorsegError(f"an epoch of {per_epoch} slices holds no global batch of {cfg.batch_size} x "
+                            f"{world.size} processes; raise --samples-per-epoch or lower --batch-size")
     height, width = train.images.shape[-2:]
     if cfg.crop > min(height, width):
         raise TumorsegError(f"crop {cfg.crop} is larger than the {height}x{width} slices of the data; "
@@ -409,7 +415,7 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 stop.requested = True
             if world.distributed:  # a signal on any rank stops every rank at this step
-                stop.requested = stop_anywhere(stop.requested, dev)
+                stop.requested = any_rank(stop.requested, dev)
             stop.check()
 
         try:
@@ -454,6 +460,8 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
                 )
                 if on_epoch is not None:
                     on_epoch(row)
+                if world.distributed:  # a signal during validation or saving reached some ranks only
+                    stop.requested = any_rank(stop.requested, dev)
                 stop.check()
         except StopTraining:
             interrupted = True
@@ -495,6 +503,12 @@ def run_training(
         cfg = state.train_config
     cfg = cfg or TrainConfig()
     assert data is not None
-    cache = open_data(data, progress=show_progress)
+    world = world_from_env()
+    if world.distributed:  # rank 0 decodes the data once; the others then find the cache up to date
+        init_distributed(world, select_device(device))
+        if world.is_main:
+            open_data(data, progress=show_progress)
+        barrier()
+    cache = open_data(data, progress=show_progress and world.is_main)
     return fit(cfg, cache, run_dir, inference=inference, resume=resume, device=device, split_file=split_file,
                show_progress=show_progress, data_path=str(Path(data).resolve()))

@@ -171,6 +171,10 @@ def predict(
         summary_name = f"summary.shard-{shard[0]}-of-{shard[1]}.csv"
     out = check_output_dir(out_dir)
     read_summary(out / summary_name)  # a table we could not merge into fails now, not after the work
+    if not volumes:  # a shard with nothing to do (more array tasks than inputs) still reports
+        prepare_output_dir(out)
+        merge_summary(out / summary_name, [])
+        return []
     if predictor is None:
         predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess, tta=tta,
                                                device=device, precision=precision, engine=engine,

@@ -9,7 +9,7 @@ small CPUs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -72,6 +72,16 @@ class SliceArrays:
     patient_index: torch.Tensor  # int64 (N,): index into `patients`
     slice_numbers: torch.Tensor  # int64 (N,)
     patients: list[str]
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # each patient's (H, W) before padding
+
+    def patient_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised slices and masks of patient `patients[i]` (see `batch`), at the
+        patient's own size (without the padding to the largest patient)."""
+        x, y = self.batch(self.patient_slices(i))
+        if self.sizes:
+            h, w = self.sizes[i]
+            x, y = x[..., :h, :w], y[..., :h, :w]
+        return x, y
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -131,5 +141,5 @@ def load_arrays(cache: Cache, patients: Sequence[str], channels: Sequence[str] =
     return SliceArrays(
         images=torch.cat(imgs), masks=torch.cat(msks), low=torch.cat(lows).float(),
         high=torch.cat(highs).float(), patient_index=torch.cat(pidx), slice_numbers=torch.cat(nums),
-        patients=patients,
+        patients=patients, sizes=[(cache.records[p].height, cache.records[p].width) for p in patients],
     )

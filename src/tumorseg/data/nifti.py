@@ -411,10 +411,10 @@ def write_kaggle_volume(path: str | Path, array: np.ndarray, spacing: Sequence[f
 def nifti_to_kaggle(files: NiftiFiles, out_dir: str | Path) -> list[Path]:
     """Write a NIfTI patient as a kaggle_3m patient folder: `<out>/<name>/<name>_<k>.tif`
     (RGB uint8: pre-contrast, FLAIR, post-contrast; k = 1 the most inferior slice) and
-    `<name>_<k>_mask.tif` (0/255) when it has a label, in the model's orientation. Values
-    that are integers in 0-255 are kept as they are (a converted kaggle_3m patient comes
-    back file for file); any other sequence is scaled linearly from its minimum to its
-    maximum onto 0-255, with a warning (8 bits lose precision: predict on the NIfTI
+    `<name>_<k>_mask.tif` (0/255) when it has a label, in the model's orientation. When
+    every value is an integer in 0-255 the values are kept as they are (a converted
+    kaggle_3m patient comes back file for file); otherwise each sequence is scaled
+    linearly from its minimum to its maximum onto 0-255, with a warning (8 bits lose precision: predict on the NIfTI
     files where you can). The in-plane grid is kept; the spacing is lost (TIFFs have none).
 
     Raises:

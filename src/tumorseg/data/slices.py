@@ -71,6 +71,8 @@ def _open(path: Path) -> Image.Image:
     try:
         im = Image.open(path)
         im.load()  # decode now so that truncated files fail here, not later
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: {e}; an MRI slice is far smaller, is this the right file?") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable or truncated image ({e}); re-download this file") from e
     return im

@@ -18,6 +18,7 @@ module); only `tumorseg serve` imports this module.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import mimetypes
 import tempfile
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from tumorseg.config import ServeConfig
 from tumorseg.inference import Predictor
@@ -42,6 +44,8 @@ from tumorseg.serve.uploads import UploadError
 
 log = logging.getLogger("tumorseg")
 STATIC = Path(__file__).resolve().parent / "static"
+SWEEP_SECONDS = 60
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 UPLOAD_SCHEMA = {
     "requestBody": {
@@ -116,25 +120,38 @@ async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
 
 
 def create_app(predictor: Predictor, config: ServeConfig | None = None, work_dir: str | Path | None = None):
-    """The app, around one loaded `predictor`. Job files live in `work_dir` (default a new
-    temporary folder), which is deleted when the app shuts down."""
+    """The app, around one loaded `predictor`. Job files live in a new temporary folder
+    (inside `work_dir` when given), which is deleted when the app shuts down."""
     # Module scripts must come as JavaScript, whatever the system's MIME table says.
     mimetypes.add_type("text/javascript", ".js")
     mimetypes.add_type("text/css", ".css")
     config = config or ServeConfig()
-    root = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))
-    root.mkdir(parents=True, exist_ok=True)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    # A folder of our own, inside work_dir when given: only it is deleted at shutdown.
+    root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-", dir=work_dir))
     store = JobStore(root, predictor, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        store.close()
+        async def sweep() -> None:  # expired jobs go also while nobody asks
+            while True:
+                await asyncio.sleep(SWEEP_SECONDS)
+                store.sweep()
+
+        sweeper = asyncio.create_task(sweep())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await run_in_threadpool(store.close)
 
     app = FastAPI(title="tumorseg", version=_version(), lifespan=lifespan,
                   description="Brain-tumour segmentation of one MRI patient at a time, on this computer.")
     app.state.store = store
     app.add_middleware(UploadLimit, max_bytes=config.max_upload_mb * 2**20)
+    if config.host in LOOPBACK_HOSTS:  # a page of another site cannot reach us by a rebinding host name
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_HOSTS))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -164,14 +181,17 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, work_dir
     @app.post("/api/predict", status_code=202, openapi_extra=UPLOAD_SCHEMA,
               summary="Upload one patient and start its segmentation")
     async def submit(request: Request) -> dict[str, Any]:
+        origin = request.headers.get("origin")
+        if origin and urlsplit(origin).netloc != request.headers.get("host"):
+            raise HTTPException(403, "uploads come from this app's own page; cross-site requests are refused")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise HTTPException(415, "send multipart/form-data with the files in the field 'files'")
         try:
-            form = await request.form(max_files=config.max_files + 1, max_fields=16)
-        except BodyTooLarge:
-            raise
-        except MultiPartException as e:
-            raise HTTPException(422, f"unreadable upload ({e.message})") from None
+            form = await request.form(max_files=config.max_files, max_fields=16)
+        except StarletteHTTPException as e:  # Starlette's multipart errors
+            if "Too many files" in str(e.detail):
+                raise HTTPException(413, f"more than {config.max_files} files in one upload") from None
+            raise HTTPException(422, f"unreadable upload ({e.detail}); send multipart/form-data") from None
         try:
             uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
             job = store.new_job()

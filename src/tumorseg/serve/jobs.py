@@ -41,7 +41,15 @@ from tumorseg.errors import DataError, TumorsegError
 from tumorseg.inference import Predictor
 from tumorseg.metrics import score_patient
 from tumorseg.prediction import predict
-from tumorseg.serve.uploads import Limits, UploadError, check_kinds, patient_folder_name, safe_name, unpack_zip
+from tumorseg.serve.uploads import (
+    Limits,
+    UploadError,
+    check_decoded_size,
+    check_kinds,
+    patient_folder_name,
+    safe_name,
+    unpack_zip,
+)
 
 log = logging.getLogger("tumorseg")
 
@@ -136,8 +144,9 @@ class JobStore:
         return len(old)
 
     def close(self) -> None:
-        """Stop taking work, drop queued jobs, and delete every job's files."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop taking work, drop queued jobs, let a running one end, and delete every
+        job's files."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._jobs.clear()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -179,6 +188,7 @@ class JobStore:
         for name in names:
             (staging / name).replace(folder / name)
         shutil.rmtree(job.folder / "upload", ignore_errors=True)
+        check_decoded_size(folder, names, kind, self.limits.max_unpacked_bytes)
         if kind == "nifti" and len(names) == 1 and not _names_a_sequence(names[0]):  # one volume alone: FLAIR
             suffix = ".nii.gz" if names[0].lower().endswith(".gz") else ".nii"
             (folder / names[0]).replace(folder / f"{patient}_flair{suffix}")

@@ -23,6 +23,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from tumorseg.data.nifti import is_nifti, patient_name
 from tumorseg.data.slices import IMAGE_SUFFIXES, SLICE_RE
 
@@ -107,6 +109,33 @@ def check_kinds(names: list[str]) -> str:
     return found.pop()
 
 
+def check_decoded_size(folder: Path, names: list[str], kind: str, limit: int) -> None:
+    """Refuse files that would decode to more than `limit` bytes, from their headers alone
+    (before any pixel is decoded): float32 voxels for NIfTI, RGB pixels for slices.
+
+    Raises:
+        UploadError (413): too large; (422) a header that cannot be read is left to the
+            reader, which names the file.
+    """
+    total = 0
+    for name in names:
+        try:
+            if kind == "nifti":
+                import nibabel as nib
+
+                total += 4 * int(np.prod(nib.load(str(folder / name)).shape, dtype=np.int64))
+            else:
+                from PIL import Image
+
+                with Image.open(folder / name) as im:
+                    total += 3 * im.width * im.height
+        except Exception:  # noqa: BLE001 (unreadable: the reader says why, with the file's name)
+            continue
+        if total > limit:
+            raise UploadError(413, f"the upload decodes to more than {limit / 2**20:.0f} MB of images (at {name}); "
+                                   "send one patient (start `tumorseg serve --max-unpacked-mb N` to raise the limit)")
+
+
 def unpack_zip(archive: Path, dest: Path, limits: Limits) -> list[str]:
     """Unpack the files of a patient zip flat into `dest`, skipping folders, hidden files
     and macOS `__MACOSX` entries; returns their names.
@@ -143,9 +172,9 @@ def unpack_zip(archive: Path, dest: Path, limits: Limits) -> list[str]:
                                        "accepted")
             if info.is_dir() or not parts or parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
                 continue
-            name = safe_name(parts[-1])
-            if not kind_of(name) or kind_of(name) == "zip":
+            if kind_of(parts[-1]) in ("", "zip"):
                 continue  # README, data.csv and other strays, as in a kaggle_3m folder
+            name = safe_name(parts[-1])
             folders.add("/".join(parts[:-1]))
             if len(folders) > 1:
                 shown = ", ".join(sorted(folders))
