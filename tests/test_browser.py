@@ -60,7 +60,7 @@ def server(tmp_path):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
-    assert not (tmp_path / "jobs").exists(), "shutdown must remove the jobs' files"
+    assert list((tmp_path / "jobs").iterdir()) == [], "shutdown must remove the jobs' files"
 
 
 def red_pixels(png: bytes) -> tuple[int, float]:

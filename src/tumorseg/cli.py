@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in the niivue viewer. Listens on 127.0.0.1 only unless --host says otherwise.")
     for f in dataclasses.fields(ServeConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"serve_{f.name}", type=type(f.default),
-                       default=f.default, help=f"{field_help(ServeConfig, f.name)} (default: {f.default})")
+                       default=f.default, metavar=f.name.upper(),
+                       help=f"{field_help(ServeConfig, f.name)} (default: {f.default:g})" if isinstance(
+                           f.default, float) else f"{field_help(ServeConfig, f.name)} (default: {f.default})")
     p.add_argument("--work-dir", default=None,
                    help="where the jobs' files go: a new subfolder of it, deleted at shutdown (default: the "
                         "system's temporary folder)")

@@ -179,9 +179,11 @@ class ServeConfig:
                                     "to the network")
     port: int = _field(8000, "TCP port")
     max_upload_mb: int = _field(300, "largest upload in MB (the request body); larger ones get 413")
-    max_unpacked_mb: int = _field(1024, "largest total size in MB of the files unpacked from a zip")
+    max_unpacked_mb: int = _field(1024, "largest total size in MB of an upload once unpacked (zip) and decoded "
+                                        "(images, from their headers)")
     max_files: int = _field(2000, "most files in one upload or zip")
-    workers: int = _field(1, "jobs segmented at once")
+    workers: int = _field(1, "worker threads for jobs; predictions take turns on the model (which uses every "
+                             "core), so more workers only overlap reading and writing")
     max_queued: int = _field(8, "jobs waiting or running at once; more get 429")
     keep_minutes: float = _field(60.0, "minutes a finished job's results are kept before they are deleted")
 
