@@ -179,8 +179,10 @@ def test_crossval_cli(make_kaggle, tmp_path, capsys, monkeypatch):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "4 patients out of fold: per-patient Dice mean" in out and "fold 2:" in out
-    assert cli.main([*args, "--fold", "1"]) == 2
-    assert "crossval trains every fold; drop --fold" in capsys.readouterr().err
+    assert cli.main([*args, "--fold", "1"]) == 0  # one fold alone: already done here, so nothing to train
+    assert "fold 1 trained" in capsys.readouterr().out
+    assert cli.main([*args, "--fold", "3"]) == 2
+    assert "--fold must be in 0..2, got 3" in capsys.readouterr().err
 
 
 def test_export_of_a_run_is_one_float16_ensemble_with_the_chosen_settings(make_kaggle, tmp_path, capsys,

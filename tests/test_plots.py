@@ -131,8 +131,8 @@ def test_overlay_float_image_scaled() -> None:
 @pytest.mark.parametrize("image, pred, match", [
     (np.zeros((8, 8), np.uint8), np.zeros((8, 7), bool), "pred shape"),
     (np.zeros((8, 8), np.float32) + 2.0, None, r"\[0, 1\]"),
-    (np.zeros((8, 8), np.int64), None, "expected uint8"),
-    (np.zeros((3, 8, 8), np.uint8), None, "expected uint8"),
+    (np.zeros((8, 8), np.int64), None, r"expected \(H, W, 3\) raw intensities, uint8 \(H, W\)"),
+    (np.zeros((3, 8, 8), np.uint8), None, r"expected \(H, W, 3\) raw intensities"),
 ])
 def test_overlay_bad_input(image: np.ndarray, pred: np.ndarray | None, match: str) -> None:
     with pytest.raises(ValueError, match=match):
