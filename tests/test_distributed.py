@@ -202,7 +202,7 @@ def test_crossval_refuses_torchrun_and_trains_one_fold_with_fold(kaggle, tmp_pat
     assert main(["crossval", "--data", str(kaggle.root), "--out", str(tmp_path / "cv")]) == 2
     assert "crossval runs one process per fold, not under torchrun" in capsys.readouterr().err
     monkeypatch.delenv("WORLD_SIZE")
-    args = [a for a in _train_args(kaggle.root, tmp_path / "cv", 2) if a != "--threads" and a != "1"]
+    args = _train_args(kaggle.root, tmp_path / "cv", 2)
     assert main(["crossval", *args, "--fold", "1"]) == 0
     assert "fold 1 trained" in capsys.readouterr().out
     assert (tmp_path / "cv" / "fold_1" / "last.pt").is_file() and not (tmp_path / "cv" / "fold_0").exists()

@@ -381,7 +381,7 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
 
     train = load_arrays(cache, train_patients, cfg.channels)
     per_epoch = cfg.samples_per_epoch or len(train)
-    if per_epoch < cfg.batch_size * world.size:
+    if world.distributed and per_epoch < cfg.batch_size * world.size:  # (one process keeps a partial batch)
         raise TumorsegError(f"an epoch of {per_epoch} slices holds no global batch of {cfg.batch_size} x "
                             f"{world.size} processes; raise --samples-per-epoch or lower --batch-size")
     height, width = train.images.shape[-2:]
