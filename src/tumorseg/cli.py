@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="tumour masks for new images (no masks needed)",
                        description="Predict masks for patient folders, folders of slices or single "
-                                   ".tif/.png slices. A folder is normalised as one volume; a "
-                                   "single slice with its own percentiles.")
+                                   ".tif/.png slices, and NIfTI patients (a folder of sequences, a FLAIR file, or "
+                                   "--flair/--t1/--t1c). A folder is normalised as one volume; a single slice with "
+                                   "its own percentiles.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="patient folder (kaggle_3m slices or NIfTI files), folder of slices or of patients, slice "
                         "files, or a FLAIR .nii/.nii.gz")
