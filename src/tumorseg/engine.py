@@ -506,9 +506,11 @@ def run_training(
     world = world_from_env()
     if world.distributed:  # rank 0 decodes the data once; the others then find the cache up to date
         init_distributed(world, select_device(device))
-        if world.is_main:
-            open_data(data, progress=show_progress)
+        cache = open_data(data, progress=show_progress) if world.is_main else None
         barrier()
-    cache = open_data(data, progress=show_progress and world.is_main)
+        if cache is None:
+            cache = open_data(data, progress=False)
+    else:
+        cache = open_data(data, progress=show_progress)
     return fit(cfg, cache, run_dir, inference=inference, resume=resume, device=device, split_file=split_file,
                show_progress=show_progress, data_path=str(Path(data).resolve()))
