@@ -18,13 +18,15 @@ import pytest
 import torch
 from test_prediction import flair_predictor
 
+import tumorseg.engine as engine
 from tumorseg.checkpoint import load_checkpoint, load_model
 from tumorseg.cli import main
 from tumorseg.distributed import World, shard_of
-from tumorseg.engine import global_batches, resumed_step
+from tumorseg.engine import global_batches, resumed_step, stop_agreed
 from tumorseg.errors import ConfigError
 from tumorseg.losses import soft_dice_loss
 from tumorseg.prediction import Volume, parse_shard, predict, shard_volumes
+from tumorseg.runtime import graceful_stop
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "ddp_train.py"
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -117,6 +119,29 @@ def test_merge_without_shards_is_an_error(tmp_path, capsys):
     assert "holds no summary.shard-K-of-N.csv" in capsys.readouterr().err
 
 
+def test_a_signal_handled_during_the_stop_all_reduce_is_not_lost(monkeypatch):
+    """The signal lands while the collective runs (its handler runs when the call
+    returns): this check goes by the ranks' answer, the next one stops."""
+    calls = []
+
+    def all_reduce_meanwhile_signalled(flag, device):
+        calls.append(flag)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return flag  # every rank said False before the signal
+
+    monkeypatch.setattr(engine, "any_rank", all_reduce_meanwhile_signalled)
+    two = World(rank=0, size=2)
+    with graceful_stop() as stop:
+        assert stop_agreed(stop, two, torch.device("cpu")) is False
+        assert stop.requested
+        assert stop_agreed(stop, two, torch.device("cpu")) is True
+    assert calls == [False, True]
+    with graceful_stop() as stop:  # one process: the flag itself
+        assert stop_agreed(stop, World(rank=0, size=1), torch.device("cpu")) is False
+        stop.requested = True
+        assert stop_agreed(stop, World(rank=0, size=1), torch.device("cpu")) is True
+
+
 # --------------------------------------------------------------------------- torchrun
 
 
@@ -163,7 +188,7 @@ def test_two_gloo_processes_give_the_weights_of_one_process_with_the_global_batc
 
 def test_sigterm_under_torchrun_stops_every_rank_and_the_run_resumes(kaggle, tmp_path):
     run = tmp_path / "run"
-    args = _train_args(kaggle.root, run, 2, epochs=3, samples=400)
+    args = _train_args(kaggle.root, run, 2, epochs=3, samples=800)
     proc = subprocess.Popen(_torchrun(2, *args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 240

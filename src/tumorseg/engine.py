@@ -53,6 +53,7 @@ from tumorseg.metrics import score_patient
 from tumorseg.model import UNet
 from tumorseg.postprocess import binarize
 from tumorseg.runtime import (
+    StopRequest,
     StopTraining,
     autocast,
     graceful_stop,
@@ -409,14 +410,16 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
     interrupted = False
     with graceful_stop() as stop:
 
+        def check_stop() -> None:
+            if stop_agreed(stop, world, dev):
+                raise StopTraining
+
         def on_step(p: EpochProgress) -> None:
             nonlocal steps_done
             steps_done += 1
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 stop.requested = True
-            if world.distributed:  # a signal on any rank stops every rank at this step
-                stop.requested = any_rank(stop.requested, dev)
-            stop.check()
+            check_stop()
 
         try:
             while progress.epoch < cfg.epochs:
@@ -460,9 +463,7 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
                 )
                 if on_epoch is not None:
                     on_epoch(row)
-                if world.distributed:  # a signal during validation or saving reached some ranks only
-                    stop.requested = any_rank(stop.requested, dev)
-                stop.check()
+                check_stop()  # a signal during validation or saving
         except StopTraining:
             interrupted = True
             if main:
@@ -471,6 +472,16 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
             interrupted = True
     best_dice = float(best["dice"]) if best["epoch"] else math.nan
     return FitResult(run_dir, progress.epoch, int(best["epoch"]), best_dice, history, interrupted)
+
+
+def stop_agreed(stop: StopRequest, world: World, device: torch.device) -> bool:
+    """Whether to stop at this step boundary. Under torchrun a signal on any rank stops
+    every rank at the same step: the all_reduced answer decides, and the local flag is
+    never written back, so a signal handled during the collective is not lost but waits
+    for the next check on every rank alike."""
+    if world.distributed:
+        return any_rank(stop.requested, device)
+    return stop.requested
 
 
 def run_training(

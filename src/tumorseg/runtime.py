@@ -283,14 +283,20 @@ class StopTraining(Exception):
 class StopRequest:
     """Ctrl-C and SIGTERM only set a flag; work stops at the next `check()`, a step
     boundary where weights, optimiser and progress are consistent, so the saved state
-    resumes exactly. A second Ctrl-C stops at once (and saves nothing)."""
+    resumes exactly. A second Ctrl-C stops at once (and saves nothing); a repeated
+    SIGTERM does not, because schedulers and torchrun both send one to each process.
+
+    The flag is only ever set, never cleared: a signal handled at any moment (even in
+    the middle of a collective that reads the flag) is never lost."""
 
     def __init__(self) -> None:
         self.requested = False
 
     def __call__(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = True
         tqdm.write("stopping after this step and saving (Ctrl-C again to stop at once, without saving)")
 
