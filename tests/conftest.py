@@ -26,10 +26,26 @@ DEFAULT_SEED_CHECKPOINT = REPO_ROOT.parent / "shared" / "seed" / "unet.pt"
 @pytest.fixture(autouse=True, scope="session")
 def _measurements_cache(tmp_path_factory: pytest.TempPathFactory):
     """Measured precision/engine choices go to a folder of this test session, never to the
-    user's cache."""
+    user's cache; a test run launched from inside a torchrun job does not join it."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUMORSEG_CACHE_DIR", str(tmp_path_factory.mktemp("measured")))
+        for name in list(os.environ):
+            if name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") or \
+                    name.startswith("TORCHELASTIC_"):
+                mp.delenv(name)
         yield
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Commands given --threads set PyTorch's thread count for the process; later tests
+    get the count back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- real data

@@ -219,5 +219,5 @@ assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 assert matplotlib.rcParams.copy() == before, "rcParams changed"
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=300)
     assert r.returncode == 0, r.stderr

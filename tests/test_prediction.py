@@ -267,7 +267,8 @@ def test_two_predict_runs_into_one_folder_keep_every_row(kaggle, tmp_path):
 
     out = tmp_path / "out"
     runs = [subprocess.Popen([sys.executable, "-m", "tumorseg", "predict", str(kaggle.root / p), "--out", str(out),
-                              "--no-progress", "--precision", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              "--no-progress", "--precision", "fp32", "--engine", "torch"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
             for p in ("PAT_A_2001", "PAT_B_2002")]
     for r in runs:
         _, err = r.communicate(timeout=300)

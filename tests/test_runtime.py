@@ -104,21 +104,26 @@ def test_an_unwritable_cache_is_measured_around(monkeypatch, tmp_path, caplog):
     assert "could not cache the precision-inference choice" in caplog.text
 
 
-def test_time_candidates_gives_up_on_a_much_slower_candidate():
-    import time
+def test_time_candidates_gives_up_on_a_much_slower_candidate(monkeypatch):
+    clock = [0.0]  # a fake clock that only the candidates advance: the machine's load cannot
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    runs: dict[str, int] = {}
 
-    runs = {"fast": 0, "slow": 0}
+    def candidate(name: str, warm_up: float, then: float):
+        def run():
+            runs[name] = runs.get(name, 0) + 1
+            clock[0] += warm_up if runs[name] == 1 else then
+        return run
 
-    def fast():
-        runs["fast"] += 1
-        time.sleep(0.001)
-
-    def slow():
-        runs["slow"] += 1
-        time.sleep(0.05)
-
-    timings = runtime.time_candidates({"fast": fast, "slow": slow}, repeats=3)
-    assert runs == {"fast": 4, "slow": 1} and timings["slow"] > timings["fast"]
+    timings = runtime.time_candidates({"fast": candidate("fast", 0.002, 0.001),
+                                       "slow": candidate("slow", 0.0061, 0.0055)}, repeats=3)
+    assert runs == {"fast": 4, "slow": 1}  # warm-up over 3x the fastest warm-up: not repeated
+    assert timings == {"fast": pytest.approx(0.001), "slow": pytest.approx(0.0061)}
+    runs.clear()
+    timings = runtime.time_candidates({"fast": candidate("fast", 0.002, 0.001),
+                                       "near": candidate("near", 0.0059, 0.0055)}, repeats=3)
+    assert runs == {"fast": 4, "near": 4}  # under 3x: measured in full, best of the repeats
+    assert timings == {"fast": pytest.approx(0.001), "near": pytest.approx(0.0055)}
 
 
 def test_measured_choice_reads_only_known_choices(monkeypatch, tmp_path):

@@ -211,6 +211,9 @@ class JobStore:
 
     def _run(self, job: Job, patient: PatientInput) -> None:
         job.status, job.stage = "running", "waiting for the model"
+        # The outcome is published last, after the clean-up: a client that sees "done" or
+        # "failed" never finds the input still on disk or a job the sweep cannot expire.
+        outcome: tuple[str, str | None] = ("failed", "internal error; see the log")
         try:
             out = job.folder / "output"
 
@@ -240,15 +243,20 @@ class JobStore:
                            "truth": self._url(job, "truth.nii.gz") if details["has_label"] else None},
                 "download": f"/api/jobs/{job.id}/mask", **details,
             }
-            job.status, job.stage, job.progress = "done", "done", 1.0
+            outcome = ("done", None)
         except TumorsegError as e:
-            job.status, job.stage, job.error = "failed", "failed", _without_folder(str(e), job.folder)
+            outcome = ("failed", _without_folder(str(e), job.folder))
         except Exception as e:  # noqa: BLE001 (a job must end, and the user must learn why)
             log.exception(f"job {job.id} failed")
-            job.status, job.stage, job.error = "failed", "failed", f"internal error ({type(e).__name__}); see the log"
+            outcome = ("failed", f"internal error ({type(e).__name__}); see the log")
         finally:
-            job.finished = time.monotonic()
             shutil.rmtree(job.folder / "input", ignore_errors=True)
+            job.finished = time.monotonic()
+            status, job.error = outcome
+            job.stage = status
+            if status == "done":
+                job.progress = 1.0
+            job.status = status
 
     @staticmethod
     def _url(job: Job, name: str) -> str:
