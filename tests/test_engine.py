@@ -115,6 +115,31 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(cache, tmp_path, stop_
     assert [r["val_dice_mean"] for r in rows_full] == [r["val_dice_mean"] for r in rows_part]
 
 
+def test_a_second_ctrl_c_stops_at_once_and_says_nothing_was_saved(cache, tmp_path, monkeypatch):
+    """Two SIGINTs in epoch 2 (3 steps per epoch): no save at the stop, last.pt stays the
+    end of epoch 1, and the result says so; a finished run is never reported interrupted."""
+    import os
+    import signal
+
+    original_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def step_with_two_signals(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_with_two_signals)
+    part = fit(tiny_config(), cache, tmp_path / "part", show_progress=False)
+    assert part.interrupted and part.at_once and part.epochs_done == 1
+    progress = load_checkpoint(tmp_path / "part" / "last.pt").training.progress
+    assert (progress["epoch"], progress["step"]) == (1, 0)
+    done = fit(tiny_config(), cache, tmp_path / "part", resume=True, show_progress=False)
+    assert not done.interrupted and not done.at_once and done.epochs_done == 2
+
+
 def test_ctrl_c_inside_an_optimiser_step_stops_after_it_and_resumes_exactly(cache, tmp_path, monkeypatch):
     """SIGINT arriving in the middle of optimizer.step() must not tear the saved state."""
     import os

@@ -344,8 +344,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if not world.is_main:
         return 130 if result.interrupted else 0
     if result.interrupted:
-        print(f"interrupted: saved {run_dir / 'last.pt'}; continue with "
-              f"`tumorseg train --resume {run_dir}`", file=sys.stderr)
+        saved = "stopped at once: nothing saved since the last epoch's" if result.at_once else "interrupted: saved"
+        print(f"{saved} {run_dir / 'last.pt'}; continue with `tumorseg train --resume {run_dir}`", file=sys.stderr)
         return 130
     if not result.best_epoch:
         print(f"done: {result.epochs_done} epochs on every non-test patient ({run_dir / 'last.pt'})")

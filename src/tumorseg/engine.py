@@ -209,6 +209,7 @@ class FitResult:
     best_dice: float
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    at_once: bool = False  # a second Ctrl-C: nothing saved since the last epoch's last.pt
 
 
 def prepare_split(cfg: TrainConfig, cache: Cache, run_dir: Path, split_file: str | Path | None,
@@ -407,7 +408,7 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
         ))
 
     steps_done = 0
-    interrupted = False
+    interrupted = at_once = False
     with graceful_stop() as stop:
 
         def check_stop() -> None:
@@ -463,15 +464,17 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
                 )
                 if on_epoch is not None:
                     on_epoch(row)
-                check_stop()  # a signal during validation or saving
+                if progress.epoch < cfg.epochs:  # a signal during validation or saving; a finished run is done
+                    check_stop()
         except StopTraining:
             interrupted = True
             if main:
                 checkpoint(last_path)
         except KeyboardInterrupt:  # second Ctrl-C: the state may be torn, keep the last save
-            interrupted = True
+            # (under torchrun the other ranks are ended by torchrun when this one exits)
+            interrupted = at_once = True
     best_dice = float(best["dice"]) if best["epoch"] else math.nan
-    return FitResult(run_dir, progress.epoch, int(best["epoch"]), best_dice, history, interrupted)
+    return FitResult(run_dir, progress.epoch, int(best["epoch"]), best_dice, history, interrupted, at_once)
 
 
 def stop_agreed(stop: StopRequest, world: World, device: torch.device) -> bool:

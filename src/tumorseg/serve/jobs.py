@@ -249,6 +249,9 @@ class JobStore:
         except Exception as e:  # noqa: BLE001 (a job must end, and the user must learn why)
             log.exception(f"job {job.id} failed")
             outcome = ("failed", f"internal error ({type(e).__name__}); see the log")
+        except BaseException:  # the server is stopping: the job ends failed, and the log says why
+            log.exception(f"job {job.id} stopped")
+            raise
         finally:
             shutil.rmtree(job.folder / "input", ignore_errors=True)
             job.finished = time.monotonic()
