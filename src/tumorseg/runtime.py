@@ -284,7 +284,8 @@ class StopRequest:
     """Ctrl-C and SIGTERM only set a flag; work stops at the next `check()`, a step
     boundary where weights, optimiser and progress are consistent, so the saved state
     resumes exactly. A second Ctrl-C stops at once (and saves nothing); a repeated
-    SIGTERM does not, because schedulers and torchrun both send one to each process.
+    SIGTERM does not: a scheduler may signal every process of a job while torchrun
+    forwards its own.
 
     The flag is only ever set, never cleared: a signal handled at any moment (even in
     the middle of a collective that reads the flag) is never lost."""
