@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -207,10 +208,13 @@ def test_training_reduces_loss(cache, tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_fold_minus_one_trains_on_every_patient_without_validation(cache, tmp_path):
+def test_fold_minus_one_trains_on_every_patient_without_validation(cache, tmp_path, caplog):
     run = tmp_path / "all"
     cfg = dataclasses.replace(tiny_config(), fold=-1)
-    result = fit(cfg, cache, run, show_progress=False)
+    with caplog.at_level(logging.INFO, logger="tumorseg"):
+        result = fit(cfg, cache, run, show_progress=False)
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("no validation (fold -1)" in m and "nan" not in m for m in epoch_lines)
     assert result.epochs_done == 2 and not (run / "best.pt").exists()
     ck = load_checkpoint(run / "last.pt")
     assert ck.split["train"] == sorted(cache.patients) and ck.split["val"] == []

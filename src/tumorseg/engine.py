@@ -456,12 +456,10 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
                     checkpoint(last_path)
                     write_metrics_csv(history, run_dir / "metrics.csv")
                     plot_training_curves(history, run_dir / "training_curves.png")
-                log.info(
-                    f"epoch {row['epoch']}/{cfg.epochs}: train loss {train_loss:.4f}  "
-                    f"val loss {v['val_loss']:.4f}  val Dice mean {v['val_dice_mean']:.4f} "
-                    f"median {v['val_dice_median']:.4f}  {row['train_img_s']:.1f} img/s"
-                    + ("  *best*" if improved else "")
-                )
+                scores = (f"val loss {v['val_loss']:.4f}  val Dice mean {v['val_dice_mean']:.4f} "
+                          f"median {v['val_dice_median']:.4f}" if val_patients else "no validation (fold -1)")
+                log.info(f"epoch {row['epoch']}/{cfg.epochs}: train loss {train_loss:.4f}  {scores}  "
+                         f"{row['train_img_s']:.1f} img/s" + ("  *best*" if improved else ""))
                 if on_epoch is not None:
                     on_epoch(row)
                 if progress.epoch < cfg.epochs:  # a signal during validation or saving; a finished run is done
