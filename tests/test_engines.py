@@ -12,10 +12,10 @@ import torch
 
 import tumorseg.runtime as runtime
 from tumorseg import Predictor
-from tumorseg.checkpoint import Checkpoint, load_members, save_checkpoint
+from tumorseg.checkpoint import Checkpoint, load_checkpoint, load_members, save_checkpoint, weights_digest
 from tumorseg.cli import main
 from tumorseg.config import InferenceConfig
-from tumorseg.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine, engine_installed
+from tumorseg.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine, engine_installed, matching_variants
 from tumorseg.errors import CheckpointError, ConfigError
 from tumorseg.export import export_model, read_graph_info
 from tumorseg.model import UNet
@@ -224,6 +224,22 @@ def test_precision_asked_for_is_honoured(checkpoints, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="is an fp32 model; drop --precision bf16"):
         Predictor.from_checkpoints(xml, precision="bf16")
     assert Predictor.from_checkpoints(xml, precision="fp32").precision == "fp32"
+
+
+def test_an_int8_variant_is_used_only_beside_the_weights_it_was_made_from(checkpoints, tmp_path, caplog):
+    """A variant records the digest of its source weights; one beside other weights (a
+    replaced model of the same architecture) is left out with a warning, not served."""
+    import logging
+
+    a, b = load_checkpoint(checkpoints[0]), load_checkpoint(checkpoints[1])
+    xml = tmp_path / "variant.xml"
+    export_model(checkpoints[0], xml)  # an fp32 graph stands in for the int8 file
+    assert read_graph_info(xml).weights == weights_digest([a]) != weights_digest([b])
+    assert matching_variants([xml], [a]) == [xml]
+    with caplog.at_level(logging.WARNING, logger="tumorseg"):
+        assert matching_variants([xml], [b]) == []
+    assert f"{xml} was not quantised from the weights of {b.path}; left out" in caplog.text
+    assert matching_variants([xml], [a, b]) == []  # a one-model graph is no variant of an ensemble
 
 
 def test_an_ensemble_file_keeps_its_members_training_patients_for_calibration(checkpoints, tmp_path):

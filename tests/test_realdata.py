@@ -177,12 +177,14 @@ def test_shipped_int8_variant_matches_fp32_on_held_out_patients(dev_set):
     On the 18 held-out patients its mean per-patient Dice is within 0.005 of fp32 (measured:
     -0.0004), and no patient moves by more than 0.01 (measured: at most 0.007)."""
     from tumorseg.checkpoint import load_checkpoint
+    from tumorseg.engines import matching_variants
     from tumorseg.evaluation import segment_cached
     from tumorseg.export import read_graph_info
     from tumorseg.inference import default_checkpoint_path, default_int8_path
 
     info = read_graph_info(default_int8_path())
     shipped = load_checkpoint(default_checkpoint_path())
+    assert matching_variants([default_int8_path()], [shipped]) == [default_int8_path()]  # quantised from these weights
     assert info.precision == "int8" and set(info.calibration["patients"]) == set(shipped.split["train"])
     assert not set(info.calibration["patients"]) & set(FOLD0)
     int8 = Predictor.from_checkpoints(default_int8_path())

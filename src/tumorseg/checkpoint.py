@@ -27,7 +27,9 @@ weights are used in float32): `load_members` gives one Checkpoint per member.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +294,20 @@ def _float16(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Ten
 
 def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def weights_digest(checkpoints: Sequence[Checkpoint]) -> str:
+    """A SHA-256 of the models' weights in float32 (parameters and BatchNorm statistics, in
+    order): what an exported graph records of the models it was made from, so that a graph
+    beside a checkpoint is known to be that checkpoint's."""
+    h = hashlib.sha256()
+    for ck in checkpoints:
+        for name in sorted(ck.state_dict):
+            v = ck.state_dict[name].detach().cpu()
+            v = v.float() if v.is_floating_point() else v
+            h.update(f"{name}:{v.dtype}:{tuple(v.shape)}\n".encode())
+            h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def export_ensemble(sources: list[str | Path], dst: str | Path, *, inference: InferenceConfig | None = None,

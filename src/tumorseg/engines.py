@@ -246,6 +246,25 @@ def _divisor(model_config: dict[str, Any]) -> int:
     return 2 ** (int(model_config.get("depth", 1)) - 1)
 
 
+def matching_variants(variants: Sequence[Path], checkpoints: list[Checkpoint]) -> list[Path]:
+    """The int8 `variants` that were quantised from exactly these checkpoints' weights
+    (their graph records `checkpoint.weights_digest`); any other, e.g. an int8 file left
+    beside a replaced model, is left out with a warning instead of silently serving
+    another model."""
+    from tumorseg.checkpoint import weights_digest
+    from tumorseg.export import read_graph_info
+
+    digest = weights_digest(checkpoints)
+    kept = []
+    for v in variants:
+        if read_graph_info(v).weights == digest:
+            kept.append(v)
+        else:
+            log.warning(f"{v} was not quantised from the weights of {checkpoints[0].path or 'this model'}; left out "
+                        "(export it again with `tumorseg export ... --int8`)")
+    return kept
+
+
 def choose_engine(engine: str, source: list[Checkpoint] | Path, info: GraphInfo | None, *,
                   device: str | torch.device = "auto", precision: str = "auto",
                   variants: Sequence[Path] = ()) -> Engine:
@@ -315,7 +334,7 @@ def choose_engine(engine: str, source: list[Checkpoint] | Path, info: GraphInfo 
             builders["openvino"] = lambda: OpenVinoEngine(openvino_model(stacked_model(checkpoints), example),
                                                           members, divisor=divisor)
             if precision == "auto":
-                for v in variants:
+                for v in matching_variants(variants, checkpoints):
                     builders["openvino-int8"] = lambda v=v: OpenVinoEngine(v, members, "int8", divisor=divisor)
         signature = f"{model_signature(models[0])}x{members}"
         example_channels = len(checkpoints[0].channels)

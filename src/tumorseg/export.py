@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tumorseg.checkpoint import NORMALIZATION_METHOD, Checkpoint
+from tumorseg.checkpoint import NORMALIZATION_METHOD, Checkpoint, weights_digest
 from tumorseg.config import InferenceConfig
 from tumorseg.errors import CheckpointError, ConfigError, DataError
 from tumorseg.fileio import atomic_write
@@ -73,6 +73,7 @@ class GraphInfo:
     model_config: dict[str, Any]
     notes: str = ""
     calibration: dict[str, Any] | None = None
+    weights: str = ""  # checkpoint.weights_digest of the models it was made from ("": not recorded)
 
     def to_json(self) -> str:
         from tumorseg import __version__
@@ -83,6 +84,7 @@ class GraphInfo:
             "normalization": {"method": NORMALIZATION_METHOD, "percentiles": list(self.percentiles)},
             "inference": self.inference.to_dict(), "members": self.members, "precision": self.precision,
             "model_config": self.model_config, "notes": self.notes, "calibration": self.calibration,
+            "weights": self.weights,
         })
 
     @classmethod
@@ -98,7 +100,8 @@ class GraphInfo:
             return cls(channels=tuple(d["channels"]), percentiles=(float(low), float(high)),
                        inference=InferenceConfig.from_dict(d["inference"]), members=int(d["members"]),
                        precision=str(d["precision"]), model_config=dict(d["model_config"]),
-                       notes=str(d.get("notes", "")), calibration=d.get("calibration"))
+                       notes=str(d.get("notes", "")), calibration=d.get("calibration"),
+                       weights=str(d.get("weights", "")))
         except CheckpointError:
             raise
         except (ValueError, KeyError, TypeError) as e:
@@ -158,7 +161,7 @@ def graph_info(checkpoints: list[Checkpoint], inference: InferenceConfig, precis
     first = checkpoints[0]
     return GraphInfo(channels=tuple(first.channels), percentiles=first.percentiles, inference=inference,
                      members=len(checkpoints), precision=precision, model_config=first.model_config.to_dict(),
-                     notes=notes or first.notes, calibration=calibration)
+                     notes=notes or first.notes, calibration=calibration, weights=weights_digest(checkpoints))
 
 
 def write_onnx(checkpoints: list[Checkpoint], dst: str | Path, inference: InferenceConfig, notes: str = "") -> Path:
