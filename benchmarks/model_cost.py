@@ -6,11 +6,11 @@ whole patients, on this machine.
         [--split runs/cv-test/splits.json] [--patients 6] [--engine auto] [--json OUT]
 
 Each model runs through `Predictor.segment` (normalise, predict, post-process with the
-model's own inference settings), on the split's test patients (or the first patients of
-the data). One warm-up patient per model, then the patients round-robin over the models,
-so that a busy moment of the machine hits every row alike. Prints seconds per patient
-(mean and median), slices per second and the ratio to the first model. Measures; asserts
-nothing.
+model's own stored inference settings, which may differ between the models), on the
+split's test patients (or the first patients of the data). One warm-up patient per
+model, then the patients round-robin over the models, so that a busy moment of the
+machine hits every row alike. Prints seconds per patient (mean and median), slices per
+second and the ratio to the first model. Measures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -40,12 +40,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON to OUT")
     args = ap.parse_args(argv)
 
-    models = dict(m.split("=", 1) for m in args.model)
+    models: dict[str, str] = {}
+    for m in args.model:
+        name, sep, path = m.partition("=")
+        if not sep or not name or not path or name in models:
+            raise SystemExit(f"--model {m!r}: give NAME=PATH, with a name not used before")
+        models[name] = path
     cache = open_data(args.data, progress=False)
     pool = list(load_split(args.split).test) if args.split else cache.patients
     patients = pool[: args.patients]
     if not patients:
         raise SystemExit("no patients to time (a split without test patients?)")
+    missing = [p for p in patients if p not in cache.records]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} not in {args.data}; pass the data the split was made of")
     predictors = {name: Predictor.from_checkpoints(path, engine=args.engine, device="cpu")
                   for name, path in models.items()}
     for predictor in predictors.values():

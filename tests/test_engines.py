@@ -4,18 +4,20 @@ chosen by measurement; bad files and options get clear errors."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import tumorseg.engines as engines
 import tumorseg.runtime as runtime
 from tumorseg import Predictor
 from tumorseg.checkpoint import Checkpoint, load_checkpoint, load_members, save_checkpoint, weights_digest
 from tumorseg.cli import main
 from tumorseg.config import InferenceConfig
-from tumorseg.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine, engine_installed, matching_variants
+from tumorseg.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine, engine_installed
 from tumorseg.errors import CheckpointError, ConfigError
 from tumorseg.export import export_model, read_graph_info
 from tumorseg.model import UNet
@@ -226,20 +228,40 @@ def test_precision_asked_for_is_honoured(checkpoints, tmp_path, monkeypatch):
     assert Predictor.from_checkpoints(xml, precision="fp32").precision == "fp32"
 
 
-def test_an_int8_variant_is_used_only_beside_the_weights_it_was_made_from(checkpoints, tmp_path, caplog):
-    """A variant records the digest of its source weights; one beside other weights (a
-    replaced model of the same architecture) is left out with a warning, not served."""
-    import logging
-
+def test_an_int8_variant_is_used_only_beside_the_weights_it_was_made_from(checkpoints, tmp_path, caplog,
+                                                                          monkeypatch):
+    """A variant records the digest of its source weights. The engine choice takes it
+    beside those weights only; beside other weights of the same architecture (a replaced
+    model), without a digest (an older export) or unreadable, it is left out with a
+    warning, and the model still runs."""
     a, b = load_checkpoint(checkpoints[0]), load_checkpoint(checkpoints[1])
     xml = tmp_path / "variant.xml"
     export_model(checkpoints[0], xml)  # an fp32 graph stands in for the int8 file
     assert read_graph_info(xml).weights == weights_digest([a]) != weights_digest([b])
-    assert matching_variants([xml], [a]) == [xml]
+    candidates: list[list[str]] = []
+
+    def measured(kind, key, runs):
+        candidates.append(sorted(runs))
+        return "torch"
+
+    monkeypatch.setattr(engines, "cached_choice", lambda *args, **kwargs: None)
+    monkeypatch.setattr(engines, "measured_choice", measured)
+    no_digest = tmp_path / "old.xml"
+    export_model(checkpoints[0], no_digest)
+    text = no_digest.read_text()
+    no_digest.write_text(text.replace(f', &quot;weights&quot;: &quot;{weights_digest([a])}&quot;', ""))
+    broken = tmp_path / "broken.xml"
+    broken.write_text("<net>")
     with caplog.at_level(logging.WARNING, logger="tumorseg"):
-        assert matching_variants([xml], [b]) == []
+        assert engines.choose_engine("auto", [a], None, device="cpu", variants=[xml]).name == "torch"
+        for variant in (xml, no_digest, broken):
+            engines.choose_engine("auto", [b], None, device="cpu", variants=[variant])
+        engines.choose_engine("auto", [a, b], None, device="cpu", variants=[xml])  # no variant of an ensemble
+    assert candidates[0] == ["onnxruntime", "openvino", "openvino-int8", "torch"]
+    assert candidates[1:] == [["onnxruntime", "openvino", "torch"]] * 4
     assert f"{xml} was not quantised from the weights of {b.path}; left out" in caplog.text
-    assert matching_variants([xml], [a, b]) == []  # a one-model graph is no variant of an ensemble
+    assert f"{no_digest} records no digest of the weights it was made from; left out" in caplog.text
+    assert f"{broken} could not be read and is left out" in caplog.text
 
 
 def test_an_ensemble_file_keeps_its_members_training_patients_for_calibration(checkpoints, tmp_path):

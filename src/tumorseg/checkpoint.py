@@ -297,9 +297,9 @@ def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def weights_digest(checkpoints: Sequence[Checkpoint]) -> str:
-    """A SHA-256 of the models' weights in float32 (parameters and BatchNorm statistics, in
-    order): what an exported graph records of the models it was made from, so that a graph
-    beside a checkpoint is known to be that checkpoint's."""
+    """A SHA-256 of the models' weights in float32 (parameters and BatchNorm statistics, by
+    name, model after model): what an exported graph records of the models it was made
+    from, so that a graph beside a checkpoint is known to be that checkpoint's."""
     h = hashlib.sha256()
     for ck in checkpoints:
         for name in sorted(ck.state_dict):

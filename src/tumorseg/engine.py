@@ -457,7 +457,7 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
                     write_metrics_csv(history, run_dir / "metrics.csv")
                     plot_training_curves(history, run_dir / "training_curves.png")
                 scores = (f"val loss {v['val_loss']:.4f}  val Dice mean {v['val_dice_mean']:.4f} "
-                          f"median {v['val_dice_median']:.4f}" if val_patients else "no validation (fold -1)")
+                          f"median {v['val_dice_median']:.4f}" if val_patients else f"no validation (fold {cfg.fold})")
                 log.info(f"epoch {row['epoch']}/{cfg.epochs}: train loss {train_loss:.4f}  {scores}  "
                          f"{row['train_img_s']:.1f} img/s" + ("  *best*" if improved else ""))
                 if on_epoch is not None:

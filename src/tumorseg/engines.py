@@ -248,17 +248,27 @@ def _divisor(model_config: dict[str, Any]) -> int:
 
 def matching_variants(variants: Sequence[Path], checkpoints: list[Checkpoint]) -> list[Path]:
     """The int8 `variants` that were quantised from exactly these checkpoints' weights
-    (their graph records `checkpoint.weights_digest`); any other, e.g. an int8 file left
-    beside a replaced model, is left out with a warning instead of silently serving
-    another model."""
+    (their graph records `checkpoint.weights_digest`); any other (an int8 file left beside
+    a replaced model, a graph that records no digest, an unreadable one) is left out with
+    a warning instead of silently serving another model."""
+    if not variants:
+        return []
     from tumorseg.checkpoint import weights_digest
     from tumorseg.export import read_graph_info
 
     digest = weights_digest(checkpoints)
     kept = []
     for v in variants:
-        if read_graph_info(v).weights == digest:
+        try:
+            recorded = read_graph_info(v).weights
+        except Exception as e:  # a damaged optional file must not stop the model it accompanies
+            log.warning(f"{v} could not be read and is left out ({type(e).__name__}: {e})")
+            continue
+        if recorded == digest:
             kept.append(v)
+        elif not recorded:
+            log.warning(f"{v} records no digest of the weights it was made from; left out "
+                        "(export it again with `tumorseg export ... --int8`)")
         else:
             log.warning(f"{v} was not quantised from the weights of {checkpoints[0].path or 'this model'}; left out "
                         "(export it again with `tumorseg export ... --int8`)")
