@@ -265,11 +265,14 @@ def test_an_int8_variant_is_used_only_beside_the_weights_it_was_made_from(checkp
 
 
 def test_an_ensemble_file_keeps_its_members_training_patients_for_calibration(checkpoints, tmp_path):
-    from tumorseg.checkpoint import export_ensemble
+    from tumorseg.checkpoint import export_ensemble, read_payload
 
     export_ensemble(checkpoints, tmp_path / "ens.pt")
     members = load_members(tmp_path / "ens.pt")
     assert all(m.split == {"train": ["PAT_A_2001", "PAT_B_2002"]} for m in members)
+    payload = read_payload(tmp_path / "ens.pt")
+    assert payload["sources"] == ["m0.pt", "m1.pt"]  # no paths of the exporting machine
+    assert payload["best"] == {} and payload["history"] == [] and payload["training"] is None
 
 
 def test_ctrl_c_after_openvino_engines_come_and_go_is_handled():

@@ -21,13 +21,17 @@ The original implementation's `unet.pt` (`{"epoch", "state_dict", ...}` with
 
 A fold ensemble (`export_ensemble`) is one file of the same layout whose `state_dict` is
 replaced by `members`, a list of state dicts stored in float16 (half the size; the
-weights are used in float32): `load_members` gives one Checkpoint per member.
+weights are used in float32), and `sources`, the members' files relative to their common
+folder (e.g. `fold_0/last.pt`): `load_members` gives one Checkpoint per member. Its
+`config` is the first member's (the run's recipe), `split` holds the union of the
+members' training patients, and `history` and `best` are empty.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -331,12 +335,19 @@ def export_ensemble(sources: list[str | Path], dst: str | Path, *, inference: In
                                   "normalisation; an ensemble needs one of each")
     # The union of the members' training patients: what int8 calibration may draw from.
     trained = sorted({p for ck in checkpoints for p in ((ck.split or {}).get("train") or [])})
+    # What is one member's alone (fold 0's best validation epoch, its history) is left out;
+    # the epoch stays where every member trained as long.
+    epochs = {ck.epoch for ck in checkpoints}
     payload = dataclasses.replace(first.released(), inference=inference or first.inference, notes=notes,
-                                  metrics=metrics or {}, history=[],
+                                  metrics=metrics or {}, history=[], best={},
+                                  epoch=epochs.pop() if len(epochs) == 1 else 0,
                                   split={"train": trained} if trained else None).to_payload()
     del payload["state_dict"]
     payload["members"] = [_float16(ck.state_dict, ck.path) for ck in checkpoints]
-    payload["sources"] = [ck.path for ck in checkpoints]
+    # Where the members came from, relative to their common folder (no paths of this machine).
+    paths = [Path(ck.path).resolve() for ck in checkpoints]
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    payload["sources"] = [p.relative_to(root).as_posix() for p in paths]
     atomic_write(dst, lambda f: torch.save(payload, f))
     return Path(dst)
 
