@@ -1,13 +1,14 @@
-"""Accuracy parity and cost of the inference engines on patients the model never saw.
+"""Accuracy parity and cost of the inference engines on patients the int8 calibration never saw.
 
     python benchmarks/engine_parity.py --data kaggle_3m [--checkpoint PATH] [--int8 PATH.xml]
                                        [--patients N] [--json OUT]
 
 Runs the model (default: the shipped model) through `Predictor.segment` on every
 installed engine in fp32 (PyTorch, ONNX Runtime, OpenVINO) and, when given or shipped,
-its int8 variant, on the patients its checkpoint records as validation patients (held out
-from its training, and so from the int8 calibration, which draws from training patients
-only). Prints, per engine: per-patient Dice mean/median, the largest per-patient Dice
+its int8 variant. The patients: a single model's validation patients (held out from its
+training, and so from the int8 calibration, which draws from training patients only);
+for an ensemble (every patient was trained on by some member), the patients of the data
+that the int8 variant was not calibrated on. Prints, per engine: per-patient Dice mean/median, the largest per-patient Dice
 difference from PyTorch fp32, the pixels whose mask differs from PyTorch fp32, and the
 seconds per patient (normalise, predict, post-process; one engine at a time, after a
 warm-up patient). Measures; asserts nothing.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from tumorseg import Predictor
-from tumorseg.checkpoint import load_checkpoint
+from tumorseg.checkpoint import load_members
 from tumorseg.data.cache import open_data
 from tumorseg.engines import engine_installed
 from tumorseg.evaluation import segment_cached
@@ -40,24 +41,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
     ap.add_argument("--int8", type=Path, default=None, help="int8 OpenVINO IR (default: the shipped variant, "
                                                             "with the shipped model)")
-    ap.add_argument("--patients", type=int, default=0, help="first N validation patients (default: all)")
+    ap.add_argument("--patients", type=int, default=0, help="first N of those patients (default: all)")
     ap.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON to OUT")
     args = ap.parse_args(argv)
 
     ck_path = args.checkpoint or default_checkpoint_path()
-    ck = load_checkpoint(ck_path)
-    if not ck.split or not ck.split.get("val"):
-        raise SystemExit(f"{ck_path} records no validation patients; parity needs patients it never saw")
-    patients = list(ck.split["val"])[: args.patients or None]
+    members = load_members(ck_path)
     int8 = args.int8 or (default_int8_path() if args.checkpoint is None and default_int8_path().is_file() else None)
+    calibrated: set[str] = set()
     if int8 is not None:
         from tumorseg.export import read_graph_info
 
         calibrated = set((read_graph_info(int8).calibration or {}).get("patients", []))
-        if calibrated & set(patients) or not calibrated:
-            raise SystemExit(f"{int8} was calibrated on some of the validation patients of {ck_path.name} (or "
-                             "records no calibration patients); parity needs patients it never saw")
+        if not calibrated:
+            raise SystemExit(f"{int8} records no calibration patients; parity needs patients it never saw")
     cache = open_data(args.data, progress=False)
+    held_out = (members[0].split or {}).get("val") if len(members) == 1 else None
+    if len(members) == 1 and not held_out:
+        raise SystemExit(f"{ck_path} records no validation patients; parity needs patients it never saw")
+    patients = [p for p in (held_out or cache.patients) if p not in calibrated][: args.patients or None]
+    if not patients:
+        raise SystemExit(f"{int8} was calibrated on every candidate patient; parity needs patients it never saw")
+    print(f"{len(patients)} patients: " + ("validation patients of the model" if held_out else
+                                          "not used for the int8 calibration"), file=sys.stderr)
 
     predictors = {}
     for engine in ("torch", "onnxruntime", "openvino"):
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                "mean_dice_difference": statistics.mean(dice[name][p] - ref[p] for p in patients) if ref else None,
                "pixels_differing_from_torch_fp32": differing[name] if ref else None}
         rows.append(row)
-    print(f"{len(patients)} held-out patients of {ck_path.name}; {torch.get_num_threads()} threads")
+    print(f"{len(patients)} patients of {ck_path.name} ({len(members)} model(s)); {torch.get_num_threads()} threads")
     print(f"{'engine':<18} {'Dice mean':>9} {'median':>7} {'mean diff':>9} {'max |diff|':>10} "
           f"{'pixels != torch':>15} {'s/patient':>9}")
     for r in rows:

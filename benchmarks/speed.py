@@ -39,7 +39,8 @@ post-process) of whole patients. Peak memory of a short default training on ALL 
 is measured in a child process (`ru_maxrss`).
 
 Time to quality is read from the metrics.csv files of real runs (never re-run here):
-`--ours-metrics` (default: the training history stored in the shipped model) and
+`--ours-metrics` (default: the training history stored in the shipped model; an ensemble
+stores none, so give a fold's metrics.csv, e.g. runs/cv-default/fold_0/metrics.csv) and
 `--original-metrics` (a run of `tumorseg train --preset seed`; without it the line says so).
 
 Data: --data DIR (a kaggle_3m folder or a prepared tumorseg cache); default
@@ -452,7 +453,7 @@ def table(rows: list[Row], result: dict[str, Any]) -> str:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from tumorseg.checkpoint import load_checkpoint
+    from tumorseg.checkpoint import load_members, load_model
     from tumorseg.engines import engine_installed
     from tumorseg.inference import default_checkpoint_path, default_int8_path
 
@@ -494,7 +495,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         default = preset("default")
         same_arch = replace_config(default, {"features": None, "n_features": 32, "depth": 4, "crop": 0})
-        shipped = load_checkpoint(default_checkpoint_path()).build_model()
+        shipped = load_model(default_checkpoint_path())  # one U-Net, or an ensemble of them
         skipped: list[str] = []
         log("bf16 probes ...")
         probes = {"train": bf16_probe(UNet.from_config(default.model_config()), default.crop, train=True),
@@ -580,7 +581,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                       if v["train_megapixel_s"] else None)
     s, d, a = result_rows["tumorseg_same_arch"], result_rows[f"tumorseg_train_{auto_train}"], result_rows["tumorseg"]
     ours = time_to_quality(args.ours_metrics, None if args.ours_metrics else
-                           load_checkpoint(default_checkpoint_path()).history)
+                           load_members(default_checkpoint_path())[0].history)
     original = time_to_quality(args.original_metrics) if args.original_metrics else None
     tumorseg_mem = memory.get("tumorseg") or {}
     result = {
@@ -639,12 +640,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     print(f"shipped default ({a['engine']}, {a['precision']}): {cost['seconds_per_patient']:.2f} s per patient "
           f"({cost['slices_per_patient']:.0f} slices on average, {cost['patients']} patients; "
           f"{1000 * cost['seconds_per_slice']:.0f} ms per slice)")
-    for who, q in (("tumorseg default recipe", ours), ("original recipe", original)):
+    for who, q, flag in (("tumorseg default recipe", ours, "--ours-metrics"),
+                         ("original recipe", original, "--original-metrics")):
         if q:
             print(f"time to quality, {who}: {q['hours_to_best']:.2f} h to its best validation Dice mean "
                   f"{q['best_val_dice_mean']:.3f} (epoch {q['best_epoch']} of {q['epochs']}; {q['source']})")
         else:
-            print(f"time to quality, {who}: no metrics.csv given (--original-metrics FILE)")
+            print(f"time to quality, {who}: no metrics.csv given ({flag} FILE)")
     print(f"train: {steps} steps x batch {BATCH_SIZE} per rep; infer: {infer_images} whole slices per rep; "
           f"{reps} reps; {len(patients)} patients, {len(arrays)} slices; load average "
           f"{load_before[0]:.1f} -> {m['loadavg_after'][0]:.1f}")

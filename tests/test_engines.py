@@ -37,6 +37,10 @@ def _trained_like(seed: int) -> UNet:
     return model.eval()
 
 
+SPLITS = [{"fold": 0, "train": ["PAT_A_2001", "PAT_B_2002"], "val": ["PAT_C_2003"]},
+          {"fold": 1, "train": ["PAT_A_2001", "PAT_C_2003"], "val": ["PAT_B_2002"]}]
+
+
 @pytest.fixture
 def checkpoints(tmp_path) -> list[Path]:
     paths = []
@@ -44,8 +48,7 @@ def checkpoints(tmp_path) -> list[Path]:
         path = tmp_path / f"m{i}.pt"
         save_checkpoint(path, Checkpoint.of_model(_trained_like(i), inference=InferenceConfig(0.4, "lcc"),
                                                   notes=f"model {i}",
-                                                  split={"fold": 0, "train": ["PAT_A_2001", "PAT_B_2002"],
-                                                         "val": ["PAT_C_2003"]}))
+                                                  split=SPLITS[i]))
         paths.append(path)
     return paths
 
@@ -264,13 +267,19 @@ def test_an_int8_variant_is_used_only_beside_the_weights_it_was_made_from(checkp
     assert f"{broken} could not be read and is left out" in caplog.text
 
 
-def test_an_ensemble_file_keeps_its_members_training_patients_for_calibration(checkpoints, tmp_path):
+def test_an_ensemble_file_keeps_each_members_split(checkpoints, tmp_path):
+    """Each member knows which patients it never saw (its out-of-fold patients); the file
+    as a whole lists the union of their training patients, what int8 calibration draws on."""
     from tumorseg.checkpoint import export_ensemble, read_payload
 
     export_ensemble(checkpoints, tmp_path / "ens.pt")
     members = load_members(tmp_path / "ens.pt")
-    assert all(m.split == {"train": ["PAT_A_2001", "PAT_B_2002"]} for m in members)
+    assert [m.split for m in members] == SPLITS
     payload = read_payload(tmp_path / "ens.pt")
+    assert payload["split"] == {"train": ["PAT_A_2001", "PAT_B_2002", "PAT_C_2003"]}
+    del payload["member_splits"]  # a file written before members kept their splits
+    torch.save(payload, tmp_path / "old.pt")
+    assert [m.split for m in load_members(tmp_path / "old.pt")] == [payload["split"]] * 2
     assert payload["sources"] == ["m0.pt", "m1.pt"]  # no paths of the exporting machine
     assert payload["best"] == {} and payload["history"] == [] and payload["training"] is None
 

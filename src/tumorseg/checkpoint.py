@@ -24,7 +24,8 @@ replaced by `members`, a list of state dicts stored in float16 (half the size; t
 weights are used in float32), and `sources`, the members' files relative to their common
 folder (e.g. `fold_0/last.pt`): `load_members` gives one Checkpoint per member. Its
 `config` is the first member's (the run's recipe), `split` holds the union of the
-members' training patients, and `history` and `best` are empty.
+members' training patients, `member_splits` each member's own split (which patients it
+never saw), and `history` and `best` are empty.
 """
 
 from __future__ import annotations
@@ -274,9 +275,12 @@ def load_members(path: str | Path) -> list[Checkpoint]:
         return [load_checkpoint(path)]
     if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
         raise CheckpointError(f"{path}: damaged ensemble (no list of member weights)")
+    splits = obj.get("member_splits")  # absent in files written before it was kept
+    if not (isinstance(splits, list) and len(splits) == len(members)):
+        splits = [obj.get("split")] * len(members)
     out = []
-    for i, state in enumerate(members):
-        ck = _tumorseg_checkpoint({**obj, "state_dict": _float32(state)}, path)
+    for i, (state, split) in enumerate(zip(members, splits, strict=True)):
+        ck = _tumorseg_checkpoint({**obj, "state_dict": _float32(state), "split": split}, path)
         ck.notes = f"{ck.notes} (member {i + 1} of {len(members)})".strip()
         out.append(ck)
     return out
@@ -344,6 +348,7 @@ def export_ensemble(sources: list[str | Path], dst: str | Path, *, inference: In
                                   split={"train": trained} if trained else None).to_payload()
     del payload["state_dict"]
     payload["members"] = [_float16(ck.state_dict, ck.path) for ck in checkpoints]
+    payload["member_splits"] = [ck.split for ck in checkpoints]
     # Where the members came from, relative to their common folder (no paths of this machine).
     paths = [Path(ck.path).resolve() for ck in checkpoints]
     root = Path(os.path.commonpath([p.parent for p in paths]))
