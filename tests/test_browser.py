@@ -26,7 +26,7 @@ from PIL import Image
 # WebGL2 in headless Chromium without a GPU: SwiftShader, which newer Chromium enables
 # only when asked.
 WEBGL_FLAGS = ["--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--ignore-gpu-blocklist"]
-PATIENT = "TCGA_DU_5853_19950823"  # a validation patient of the shipped model (fold 0), 7 tumour slices
+PATIENT = "TCGA_DU_5853_19950823"  # a fold-0 patient, 7 tumour slices
 
 
 def chromium() -> str:

@@ -159,12 +159,13 @@ def test_bad_input_is_one_line_exit_2(args, message, kaggle, tmp_path, capsys, m
 
 
 def test_predict_uses_the_shipped_model_by_default(kaggle, tmp_path, capsys):
-    from tumorseg.checkpoint import load_checkpoint
+    from tumorseg.checkpoint import load_members
     from tumorseg.inference import default_checkpoint_path
 
-    shipped = load_checkpoint(default_checkpoint_path())
-    assert shipped.kind == "tumorseg" and shipped.inference.postprocess == "lcc"
-    assert default_checkpoint_path().stat().st_size < 6_000_000  # a few MB inside the wheel
+    members = load_members(default_checkpoint_path())  # the five fold models of a cross-validation
+    assert len(members) == 5 and {m.kind for m in members} == {"tumorseg"}
+    assert {m.inference.postprocess for m in members} == {"lcc"}  # chosen out of fold
+    assert default_checkpoint_path().stat().st_size < 14_000_000  # five models in float16 inside the wheel
     code, out, err = run_cli(["predict", kaggle.root / "PAT_B_2002", "--out", tmp_path / "p", "--no-progress"],
                              capsys)
     assert code == 0, err

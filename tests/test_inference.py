@@ -192,5 +192,6 @@ def test_an_ensemble_needs_one_input_convention(tmp_path):
 def test_shipped_model_is_the_default(tmp_path):
     p = Predictor.from_checkpoints(device="cpu", precision="fp32")
     assert p.source.endswith("tumorseg_lgg.pt") and p.inference.postprocess == "lcc"
+    assert p.members == 5
 
 

@@ -367,7 +367,7 @@ def test_serve_refuses_a_port_in_use_and_bad_limits(capsys, tmp_path):
 
 
 def test_a_real_patient_round_trip_equals_tumorseg_predict(real_data, tmp_path):
-    """The shipped model on a real patient (a validation patient of its fold): the web
+    """The shipped model on a real patient (fold 0, never seen by the first ensemble member): the web
     app's NIfTI mask and Dice are `tumorseg predict`'s and `evaluate`'s."""
     from tumorseg.inference import Predictor
     from tumorseg.metrics import score_patient
