@@ -9,9 +9,9 @@ its int8 variant. The patients: a single model's validation patients (held out f
 training, and so from the int8 calibration, which draws from training patients only);
 for an ensemble (every patient was trained on by some member), the patients of the data
 that the int8 variant was not calibrated on. Prints, per engine: per-patient Dice
-mean/median, the largest per-patient Dice difference from PyTorch fp32, the pixels whose mask differs from PyTorch fp32, and the
-seconds per patient (normalise, predict, post-process; one engine at a time, after a
-warm-up patient). Measures; asserts nothing.
+mean/median, the largest per-patient Dice difference from PyTorch fp32, the pixels
+whose mask differs from PyTorch fp32, and the seconds per patient (normalise, predict,
+post-process; one engine at a time, after a warm-up patient). Measures; asserts nothing.
 """
 
 from __future__ import annotations
