@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     patients = [p for p in (held_out or cache.patients) if p not in calibrated][: args.patients or None]
     if not patients:
         raise SystemExit(f"{int8} was calibrated on every candidate patient; parity needs patients it never saw")
-    print(f"{len(patients)} patients: " + ("validation patients of the model" if held_out else
-                                          "not used for the int8 calibration"), file=sys.stderr)
+    where = ("validation patients of the model" if held_out else "not used for the int8 calibration" if calibrated
+             else "of the data (trained on by some member of the ensemble: only the differences count)")
+    print(f"{len(patients)} patients: {where}", file=sys.stderr)
 
     predictors = {}
     for engine in ("torch", "onnxruntime", "openvino"):

@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child process")
     ap.add_argument("--ours-metrics", type=Path, metavar="CSV",
                     help="metrics.csv of a default-recipe run for the time-to-quality line (default: the history "
-                         "stored in the shipped model)")
+                         "stored in the shipped model; an ensemble stores none)")
     ap.add_argument("--original-metrics", type=Path, metavar="CSV",
                     help="metrics.csv of a `tumorseg train --preset seed` run for the time-to-quality line")
     ap.add_argument("--_memory-child", dest="memory_child", choices=["tumorseg", "baseline"], help=argparse.SUPPRESS)

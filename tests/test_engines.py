@@ -280,6 +280,10 @@ def test_an_ensemble_file_keeps_each_members_split(checkpoints, tmp_path):
     del payload["member_splits"]  # a file written before members kept their splits
     torch.save(payload, tmp_path / "old.pt")
     assert [m.split for m in load_members(tmp_path / "old.pt")] == [payload["split"]] * 2
+    payload["member_splits"] = SPLITS[:1]  # one split for two members
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="damaged ensemble .2 members, member_splits does not match"):
+        load_members(tmp_path / "damaged.pt")
     assert payload["sources"] == ["m0.pt", "m1.pt"]  # no paths of the exporting machine
     assert payload["best"] == {} and payload["history"] == [] and payload["training"] is None
 

@@ -193,8 +193,8 @@ def test_fp32_engines_give_identical_masks_on_a_real_patient(dev_set):
 def test_shipped_int8_variant_matches_fp32_on_patients_outside_its_calibration(dev_set):
     """The shipped int8 ensemble was calibrated on slices of the 70 patients outside fold 0
     only. On six fold-0 patients its mean per-patient Dice is within 0.005 of fp32, and no
-    patient moves by more than 0.01 (all 18: `python benchmarks/engine_parity.py --data
-    kaggle_3m`, quoted in MODEL.md)."""
+    patient moves by more than 0.01 (`python benchmarks/engine_parity.py --data kaggle_3m
+    --patients 6`, quoted in MODEL.md)."""
     from tumorseg.checkpoint import load_members
     from tumorseg.engines import matching_variants
     from tumorseg.evaluation import segment_cached

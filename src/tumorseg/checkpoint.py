@@ -30,6 +30,7 @@ never saw), and `history` and `best` are empty.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -276,8 +277,10 @@ def load_members(path: str | Path) -> list[Checkpoint]:
     if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
         raise CheckpointError(f"{path}: damaged ensemble (no list of member weights)")
     splits = obj.get("member_splits")  # absent in files written before it was kept
-    if not (isinstance(splits, list) and len(splits) == len(members)):
-        splits = [obj.get("split")] * len(members)
+    if splits is None:
+        splits = [copy.deepcopy(obj.get("split")) for _ in members]
+    elif not (isinstance(splits, list) and len(splits) == len(members)):
+        raise CheckpointError(f"{path}: damaged ensemble ({len(members)} members, member_splits does not match)")
     out = []
     for i, (state, split) in enumerate(zip(members, splits, strict=True)):
         ck = _tumorseg_checkpoint({**obj, "state_dict": _float32(state), "split": split}, path)
