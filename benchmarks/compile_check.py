@@ -17,7 +17,7 @@ import torch
 import torch._dynamo
 
 from tumorseg.config import preset
-from tumorseg.inference import fuse_batchnorm
+from tumorseg.graphs import fuse_batchnorm
 from tumorseg.model import UNet
 from tumorseg.runtime import autocast, resolve_precision
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     int8 = args.int8 or (default_int8_path() if args.checkpoint is None and default_int8_path().is_file() else None)
     calibrated: set[str] = set()
     if int8 is not None:
-        from tumorseg.export import read_graph_info
+        from tumorseg.graphs import read_graph_info
 
         calibrated = set((read_graph_info(int8).calibration or {}).get("patients", []))
         if not calibrated:

@@ -27,7 +27,7 @@ A bf16 row is timed only when a short probe (the same model, fp32 against bf16) 
 less than 3x slower than fp32; on CPUs without bf16 hardware it can be 100x slower and the
 row would take minutes. The probe's ratio is reported instead.
 
-Training is timed through `tumorseg.engine.train_one_epoch` itself (epoch of `steps`
+Training is timed through `tumorseg.training.train_one_epoch` itself (epoch of `steps`
 batches); inference through `tumorseg.Predictor.predict` (batch 16) on whole slices,
 normalised from uint8 inside the timed region (the counterpart of the baseline's HDF5
 reads). Rows are timed round-robin, so a change of background load hits all of them;
@@ -86,7 +86,7 @@ from tumorseg.config import TrainConfig, preset, replace_config
 from tumorseg.data.cache import Cache, default_cache_dir, is_cache_dir, open_cache, prepare
 from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.splits import make_split
-from tumorseg.engine import EpochProgress, build_training, train_one_epoch
+from tumorseg.training import EpochProgress, build_training, train_one_epoch
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor
 from tumorseg.losses import make_loss

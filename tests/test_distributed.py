@@ -18,14 +18,15 @@ import pytest
 import torch
 from test_prediction import flair_predictor
 
-import tumorseg.engine as engine
+import tumorseg.training as training
 from tumorseg.checkpoint import load_checkpoint, load_model
 from tumorseg.cli import main
 from tumorseg.distributed import World, shard_of
-from tumorseg.engine import global_batches, resumed_step, stop_agreed
+from tumorseg.training import global_batches, resumed_step, stop_agreed
 from tumorseg.errors import ConfigError
 from tumorseg.losses import soft_dice_loss
-from tumorseg.prediction import Volume, parse_shard, predict, shard_volumes
+from tumorseg.data.inputs import InputRef
+from tumorseg.prediction import parse_shard, predict, shard_volumes
 from tumorseg.runtime import graceful_stop
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "ddp_train.py"
@@ -38,11 +39,11 @@ TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torch
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
 def test_shards_are_disjoint_and_complete_in_any_input_order(n):
     names = [f"P{i:03d}" for i in range(23)]
-    volumes = [Volume(name, []) for name in reversed(names)]
+    volumes = [InputRef(name, "slices") for name in reversed(names)]
     parts = [[v.name for v in shard_volumes(volumes, k, n)] for k in range(n)]
     assert sorted(sum(parts, [])) == names
     assert len(set(sum(parts, []))) == len(names)  # disjoint
-    shuffled = [Volume(name, []) for name in names[::2] + names[1::2]]
+    shuffled = [InputRef(name, "slices") for name in names[::2] + names[1::2]]
     assert [[v.name for v in shard_volumes(shuffled, k, n)] for k in range(n)] == parts
 
 
@@ -129,7 +130,7 @@ def test_a_signal_handled_during_the_stop_all_reduce_is_not_lost(monkeypatch):
         signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # as Python runs the handler when the call returns
         return flag  # every rank said False before the signal
 
-    monkeypatch.setattr(engine, "any_rank", all_reduce_meanwhile_signalled)
+    monkeypatch.setattr(training, "any_rank", all_reduce_meanwhile_signalled)
     two = World(rank=0, size=2)
     with graceful_stop() as stop:
         assert stop_agreed(stop, two, torch.device("cpu")) is False

@@ -19,7 +19,8 @@ from tumorseg.cli import main
 from tumorseg.config import InferenceConfig
 from tumorseg.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine, engine_installed
 from tumorseg.errors import CheckpointError, ConfigError
-from tumorseg.export import export_model, read_graph_info
+from tumorseg.export import export_model
+from tumorseg.graphs import read_graph_info
 from tumorseg.model import UNet
 
 needs_onnx = pytest.mark.skipif(not (engine_installed("onnxruntime") and engine_installed("openvino")),
@@ -170,7 +171,7 @@ def test_graph_errors_are_clear(checkpoints, tmp_path):
 def test_a_graph_without_tumorseg_metadata_is_refused(tmp_path):
     import onnx
 
-    from tumorseg.export import onnx_bytes
+    from tumorseg.graphs import onnx_bytes
 
     path = tmp_path / "plain.onnx"
     path.write_bytes(onnx_bytes(UNet(n_features=2, depth=2).eval(), torch.zeros(1, 3, 8, 8)))
@@ -300,7 +301,7 @@ def test_ctrl_c_after_openvino_engines_come_and_go_is_handled():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          f"{tests / 'test_engines.py'}::test_auto_engine_is_measured_once_and_cached",
-         f"{tests / 'test_engine.py'}::test_ctrl_c_inside_an_optimiser_step_stops_after_it_and_resumes_exactly"],
+         f"{tests / 'test_training.py'}::test_ctrl_c_inside_an_optimiser_step_stops_after_it_and_resumes_exactly"],
         capture_output=True, text=True, timeout=600, cwd=tests.parent)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "2 passed" in proc.stdout

@@ -269,7 +269,7 @@ def test_state_dict_keys_match_original_checkpoint(seed_checkpoint):
 
 
 def test_fuse_batchnorm_matches_the_unfused_model():
-    from tumorseg.inference import fuse_batchnorm
+    from tumorseg.graphs import fuse_batchnorm
 
     torch.manual_seed(0)
     model = UNet(n_features=6, depth=3, features=(4, 6, 8)).eval()

@@ -1,4 +1,4 @@
-"""`collect_volumes` and `predict` from Python, with a model whose masks are known."""
+"""`find_inputs` and `predict` from Python, with a model whose masks are known."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from tumorseg.data.slices import slice_images
 from tumorseg.errors import DataError, TumorsegError
 from tumorseg.inference import Predictor
 from tumorseg.plots import overlay
-from tumorseg.prediction import Volume, VolumeSummary, collect_volumes, predict
+from tumorseg.data.inputs import InputRef, find_inputs
+from tumorseg.prediction import predict
+from tumorseg.writers import VolumeSummary
 
 
 class FlairThreshold(nn.Module):
@@ -70,20 +72,20 @@ def never_segment(self, *args, **kwargs):
     raise AssertionError("prediction ran before the inputs and --out were checked")
 
 
-# --------------------------------------------------------------------------- collect_volumes
+# --------------------------------------------------------------------------- find_inputs
 
 
 def test_patient_folder_is_one_volume_of_its_images(kaggle):
     folder = kaggle.root / "PAT_B_2002"
     # Masks, hidden files (._*.tif), README.md and notes.txt are not slices.
-    assert collect_volumes([folder]) == [Volume("PAT_B_2002", [kaggle.image_path("PAT_B_2002", n)
+    assert find_inputs([folder]) == [InputRef("PAT_B_2002", "slices", [kaggle.image_path("PAT_B_2002", n)
                                                                for n in range(1, 6)])]
 
 
 def test_slices_are_ordered_by_number(kaggle):
     files = slice_images(kaggle.root / "PAT_A_2001")
     assert [f.name for f in files] == [f"PAT_A_2001_{n}.tif" for n in range(1, 13)]  # 2 before 10
-    (volume,) = collect_volumes([kaggle.root / "PAT_A_2001"])
+    (volume,) = find_inputs([kaggle.root / "PAT_A_2001"])
     assert volume.files == files
 
 
@@ -91,26 +93,26 @@ def test_folder_of_slices(inputs, monkeypatch):
     scan, _ = inputs
     (scan / "scan_1_pred.png").write_bytes(b"an output of an earlier run")
     (scan / "scan_1_overlay.png").write_bytes(b"an output of an earlier run")
-    assert collect_volumes([scan]) == [Volume("scan", [scan / "scan_1.png", scan / "scan_2.png",
+    assert find_inputs([scan]) == [InputRef("scan", "slices", [scan / "scan_1.png", scan / "scan_2.png",
                                                        scan / "scan_10.png"])]
     # The folder's own name, also when given as "." from inside it.
     monkeypatch.chdir(scan)
-    assert collect_volumes(["."])[0].name == "scan"
+    assert find_inputs(["."])[0].name == "scan"
 
 
 def test_kaggle_root_is_one_volume_per_patient(kaggle):
-    volumes = collect_volumes([kaggle.root])
+    volumes = find_inputs([kaggle.root])
     assert [(v.name, len(v.files)) for v in volumes] == [("PAT_A_2001", 12), ("PAT_B_2002", 5), ("PAT_C_2003", 5)]
     assert volumes[1].files == [kaggle.image_path("PAT_B_2002", n) for n in range(1, 6)]
     # The folder holding kaggle_3m works too.
-    assert collect_volumes([kaggle.root.parent]) == volumes
+    assert find_inputs([kaggle.root.parent]) == volumes
 
 
 def test_single_files_and_mixed_inputs(kaggle, inputs):
     scan, single = inputs
     one = kaggle.image_path("PAT_A_2001", 3)
-    assert collect_volumes([one]) == [Volume("PAT_A_2001_3", [one])]
-    assert [v.name for v in collect_volumes([scan, single, one])] == ["scan", "single", "PAT_A_2001_3"]
+    assert find_inputs([one]) == [InputRef("PAT_A_2001_3", "slices", [one])]
+    assert [v.name for v in find_inputs([scan, single, one])] == ["scan", "single", "PAT_A_2001_3"]
 
 
 NOT_AN_IMAGE = "{p}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii or .nii.gz"
@@ -127,10 +129,10 @@ NOT_AN_IMAGE = "{p}: not a slice image or NIfTI volume; expected .tif, .tiff, .p
         (lambda t: _mkdir(t / "empty"), "{p} holds no .tif/.png slices, no NIfTI volumes and no patient folders"),
     ],
 )
-def test_collect_volumes_errors(make, message, tmp_path):
+def test_find_inputs_errors(make, message, tmp_path):
     path = make(tmp_path)
     with pytest.raises(DataError) as e:
-        collect_volumes([path])
+        find_inputs([path])
     assert str(e.value) == message.format(p=path)
 
 
@@ -150,20 +152,20 @@ def test_folder_with_only_masks(kaggle):
         kaggle.image_path("PAT_B_2002", n).unlink()
     for path in (patient, kaggle.root):
         with pytest.raises(DataError) as e:
-            collect_volumes([path])
+            find_inputs([path])
         assert str(e.value) == f"{patient} holds only masks, no image slices to predict on"
 
 
 def test_duplicate_names(kaggle, tmp_path):
     with pytest.raises(DataError) as e:
-        collect_volumes([kaggle.root / "PAT_B_2002", kaggle.root])
+        find_inputs([kaggle.root / "PAT_B_2002", kaggle.root])
     assert str(e.value) == "two inputs have the same name 'PAT_B_2002'; their outputs would collide"
     other = tmp_path / "other"
     other.mkdir()
     copy = other / "PAT_A_2001_3.tif"
     copy.write_bytes(kaggle.image_path("PAT_A_2001", 3).read_bytes())
     with pytest.raises(DataError) as e:
-        collect_volumes([kaggle.image_path("PAT_A_2001", 3), copy])
+        find_inputs([kaggle.image_path("PAT_A_2001", 3), copy])
     assert str(e.value) == "two inputs have the same name 'PAT_A_2001_3'; their outputs would collide"
 
 
@@ -242,7 +244,7 @@ def test_bad_input_fails_before_out_is_made(inputs, tmp_path, monkeypatch):
 
 
 def _merge_many(args):
-    from tumorseg.prediction import VolumeSummary, merge_summary
+    from tumorseg.writers import VolumeSummary, merge_summary
 
     path, prefix, n = args
     for i in range(n):

@@ -199,7 +199,7 @@ def test_shipped_int8_variant_matches_fp32_on_patients_outside_its_calibration(d
     from tumorseg.checkpoint import load_members
     from tumorseg.engines import matching_variants
     from tumorseg.evaluation import segment_cached
-    from tumorseg.export import read_graph_info
+    from tumorseg.graphs import read_graph_info
     from tumorseg.inference import default_checkpoint_path, default_int8_path
 
     info = read_graph_info(default_int8_path())

@@ -313,7 +313,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from tumorseg.distributed import shutdown as shutdown_distributed
     from tumorseg.distributed import world_from_env
-    from tumorseg.engine import run_training
+    from tumorseg.training import run_training
 
     _set_threads(a.threads)
     options = {f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)}

@@ -3,12 +3,14 @@ patient scored by the fold model that never saw it, and the threshold and post-p
 chosen on those out-of-fold predictions (as nnU-Net's determine_postprocessing does).
 
     RUN/splits.json                            the split all folds share
-    RUN/fold_<k>/                              a training run validating on fold k (engine.fit)
+    RUN/fold_<k>/                              a training run validating on fold k (training.fit)
     RUN/crossval/probabilities/<patient>.npy   float16 (S, H, W): out-of-fold probabilities
     RUN/crossval/postprocessing.json           every candidate with its out-of-fold Dice, and the choice
     RUN/crossval/report.json, per_patient.csv, dice_distribution.png, examples.png
                                                the chosen setting, in evaluate's shape, plus the
                                                fold of each patient and a summary per fold
+
+(`tumorseg.runs` owns this layout.)
 
 The fold models are the last epoch of each run (`last.pt`): `best.pt` was chosen on the
 very patients it would be scored on. `crossval` resumes: finished folds are skipped, an
@@ -30,7 +32,6 @@ from tumorseg.checkpoint import Checkpoint, load_checkpoint
 from tumorseg.config import InferenceConfig, TrainConfig
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.splits import Split, load_split, make_split, save_split
-from tumorseg.engine import fit
 from tumorseg.errors import TumorsegError
 from tumorseg.evaluation import (
     ScoredPatient,
@@ -44,6 +45,8 @@ from tumorseg.fileio import atomic_write, atomic_write_text, check_output_dir, u
 from tumorseg.inference import Predictor
 from tumorseg.metrics import confusion_counts, dice_from_counts
 from tumorseg.postprocess import binarize
+from tumorseg.runs import RunDir, fold_identity
+from tumorseg.training import fit
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def prepare_run(cfg: TrainConfig, cache: Cache, run_dir: Path) -> Split:
     Raises:
         TumorsegError: RUN/splits.json holds another split.
     """
-    path = run_dir / "splits.json"
+    path = RunDir(run_dir).splits
     split = make_split(cache.patients, cfg.folds, cfg.test_fraction, cfg.split_seed)
     if path.is_file():
         if load_split(path).to_dict() != split.to_dict():
@@ -94,12 +97,6 @@ def check_fold(state: Checkpoint, cfg: TrainConfig, split: Split, k: int) -> Non
                             "delete it or choose another --out")
 
 
-def fold_identity(path: Path) -> dict[str, Any]:
-    """What tells a fold model from a retrained one: its path, size and modification time."""
-    st = path.stat()
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def train_folds(cfg: TrainConfig, cache: Cache, run_dir: Path, *, device: str = "auto",
                 show_progress: bool = True, data_path: str | None = None, only: int | None = None) -> bool:
     """Train every fold of the run that is not finished (or fold `only`); returns False
@@ -109,9 +106,10 @@ def train_folds(cfg: TrainConfig, cache: Cache, run_dir: Path, *, device: str = 
         TumorsegError: a fold folder holds a model of another config or split.
     """
     split = prepare_run(cfg, cache, run_dir)
+    run = RunDir(run_dir)
     for k in range(len(split.folds)) if only is None else [only]:
-        fold_dir = run_dir / f"fold_{k}"
-        last = fold_dir / "last.pt"
+        fold_dir = run.fold(k).root
+        last = run.fold(k).last
         if last.is_file():
             state = load_checkpoint(last)
             check_fold(state, cfg, split, k)
@@ -121,7 +119,7 @@ def train_folds(cfg: TrainConfig, cache: Cache, run_dir: Path, *, device: str = 
             result = fit(cfg, cache, fold_dir, resume=True, device=device, show_progress=show_progress,
                          data_path=data_path)
         else:
-            result = fit(dataclasses.replace(cfg, fold=k), cache, fold_dir, split_file=run_dir / "splits.json",
+            result = fit(dataclasses.replace(cfg, fold=k), cache, fold_dir, split_file=run.splits,
                          device=device, show_progress=show_progress, data_path=data_path)
         if result.interrupted:
             return False
@@ -133,13 +131,14 @@ def out_of_fold(cache: Cache, run_dir: Path, split: Split, *, device: str = "aut
     """{patient: (fold, probabilities float32 (S, H, W))} of every fold patient, each from the
     last.pt of the fold that held it out; written to RUN/crossval/probabilities/<patient>.npy
     as float16, and reused while the fold model is the same file (sources.json)."""
-    folder = run_dir / "crossval" / "probabilities"
+    run = RunDir(run_dir)
+    folder = run.probabilities
     sources_path = folder / "sources.json"
     try:
         saved = json.loads(sources_path.read_text()) if sources_path.is_file() else {}
     except (OSError, ValueError):
         saved = {}
-    current = {str(k): fold_identity(run_dir / f"fold_{k}" / "last.pt") for k in range(len(split.folds))}
+    current = {str(k): fold_identity(run.fold(k).last) for k in range(len(split.folds))}
     out: dict[str, tuple[int, np.ndarray]] = {}
     todo = [(k, p) for k, fold in enumerate(split.folds) for p in sorted(fold)]
     predictors: dict[int, Predictor] = {}
@@ -150,7 +149,7 @@ def out_of_fold(cache: Cache, run_dir: Path, split: Split, *, device: str = "aut
             out[patient] = (k, np.load(path).astype(np.float32))
             continue
         if k not in predictors:  # raw probabilities: the choice of threshold and post-processing comes later
-            predictors[k] = Predictor.from_checkpoints(run_dir / f"fold_{k}" / "last.pt", threshold=0.5,
+            predictors[k] = Predictor.from_checkpoints(run.fold(k).last, threshold=0.5,
                                                        postprocess="none", tta=False, device=device,
                                                        precision=precision)
         probs = segment_cached(predictors[k], cache, patient).probabilities
@@ -209,9 +208,10 @@ def crossval(
             not fit the config.
     """
     run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     check_output_dir(run_dir)
     cache = open_data(data, progress=show_progress)
-    config_path = run_dir / "config.json"
+    config_path = run.config
     if config_path.is_file():
         try:
             same = TrainConfig.from_dict(json.loads(config_path.read_text())) == cfg
@@ -222,7 +222,7 @@ def crossval(
                                 "its own settings (see that file) or choose another --out")
     # A failure before any fold saved a checkpoint leaves nothing behind.
     # (With only_fold, other processes share these files: they are never undone.)
-    with undo_on_failure(run_dir, ("config.json", "splits.json"),
+    with undo_on_failure(run_dir, RunDir.SETUP_FILES,
                          kept=lambda: only_fold is not None or any(run_dir.glob("fold_*/last.pt"))):
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=1) + "\n")
@@ -236,8 +236,8 @@ def crossval(
     oof = out_of_fold(cache, run_dir, split, device=device, precision=precision, show_progress=show_progress)
     truths = {p: np.asarray(cache.masks(p)) > 0 for p in oof}
     chosen, table = choose_postprocessing({p: v[1] for p, v in oof.items()}, truths)
-    models = [run_dir / f"fold_{k}" / "last.pt" for k in range(len(split.folds))]
-    atomic_write_text(run_dir / "crossval" / "postprocessing.json",
+    models = run.fold_models(len(split.folds))
+    atomic_write_text(run.postprocessing,
                       json.dumps({"chosen": chosen.to_dict(), "criterion": "mean per-patient Dice, out of fold",
                                   "min_gain": MIN_GAIN, "models": [fold_identity(m) for m in models],
                                   "candidates": table}, indent=1) + "\n")
@@ -259,60 +259,4 @@ def crossval(
               "channels": list(cfg.channels),
               "chosen_on": "these out-of-fold predictions (see postprocessing.json)",
               "test_patients": sorted(split.test)}
-    return write_report(run_dir / "crossval", header, scored, plots=plots, sections={"folds": folds})
-
-def run_members(run_dir: str | Path, *, threshold: float | None = None,
-                postprocess: str | None = None) -> tuple[list[Path], InferenceConfig, dict[str, Any], str]:
-    """The fold models of a finished cross-validation run, the threshold and
-    post-processing chosen on its out-of-fold predictions (RUN/crossval/postprocessing.json)
-    overridden where given, its out-of-fold summary and a note naming the run.
-
-    Raises:
-        TumorsegError: not a finished cross-validation run, or a bad setting.
-    """
-    run_dir = Path(run_dir)
-    split = run_dir / "splits.json"
-    chosen_path = run_dir / "crossval" / "postprocessing.json"
-    if not split.is_file() or not chosen_path.is_file():
-        raise TumorsegError(f"{run_dir} is not a finished cross-validation run (no splits.json or "
-                            "crossval/postprocessing.json); run `tumorseg crossval` first")
-    folds = len(load_split(split).folds)
-    sources = [run_dir / f"fold_{k}" / "last.pt" for k in range(folds)]
-    missing = [str(p) for p in sources if not p.is_file()]
-    if missing:
-        raise TumorsegError(f"{missing[0]} is missing; finish the run with `tumorseg crossval` first")
-    try:
-        record = json.loads(chosen_path.read_text())
-        chosen = InferenceConfig.from_dict(record["chosen"])
-        recorded = record.get("models", [])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TumorsegError(f"{chosen_path} is damaged ({type(e).__name__}); run `tumorseg crossval` again") from e
-    if recorded != [fold_identity(p) for p in sources]:
-        raise TumorsegError(f"the fold models of {run_dir} changed after their out-of-fold choice; run "
-                            "`tumorseg crossval` again to choose on their predictions")
-    inference = chosen.replace(threshold=threshold, postprocess=postprocess)
-    report_path = run_dir / "crossval" / "report.json"
-    try:
-        summary = json.loads(report_path.read_text())["summary"] if report_path.is_file() else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        summary = {}
-    metrics = {"out_of_fold": summary, "out_of_fold_setting": chosen.to_dict()}
-    overridden = "" if inference == chosen else " (settings overridden after the out-of-fold choice)"
-    return sources, inference, metrics, f"{folds}-fold ensemble of {run_dir.name}{overridden}"
-
-
-def export_run(run_dir: str | Path, dst: str | Path, *, threshold: float | None = None,
-               postprocess: str | None = None) -> Path:
-    """Write the fold models of a cross-validation run as one ensemble file (float16
-    weights) with the settings of `run_members`.
-
-    Raises:
-        TumorsegError: not a finished cross-validation run, or a bad setting.
-    """
-    from tumorseg.checkpoint import export_ensemble
-
-    sources, inference, metrics, notes = run_members(run_dir, threshold=threshold, postprocess=postprocess)
-    check_output_dir(Path(dst).parent)
-    if Path(dst).is_dir():
-        raise TumorsegError(f"{dst} is a folder; pass a file name to --out")
-    return export_ensemble(sources, dst, inference=inference, metrics=metrics, notes=notes)
+    return write_report(run.crossval, header, scored, plots=plots, sections={"folds": folds})

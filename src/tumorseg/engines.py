@@ -5,7 +5,7 @@ models, float32 (N, M, H, W) on the CPU or the device; `Predictor` averages the
 probabilities and applies TTA on top, whatever the engine.
 
 - `TorchEngine` runs `nn.Module`s under autocast (any device).
-- `OnnxRuntimeEngine` and `OpenVinoEngine` run an exported graph (`tumorseg.export`) on the
+- `OnnxRuntimeEngine` and `OpenVinoEngine` run a graph (`tumorseg.graphs`) on the
   CPU: fp32 from an ONNX file or from PyTorch models exported on the fly, int8 from an
   OpenVINO IR written by `tumorseg export --int8`.
 
@@ -14,21 +14,30 @@ onnxruntime and openvino are imported only when an engine needs them.
 
 from __future__ import annotations
 
-import copy
-import functools
 import importlib.metadata
 import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from tumorseg.checkpoint import Checkpoint, weights_digest
 from tumorseg.config import PRECISION_CHOICES
 from tumorseg.errors import ConfigError
+from tumorseg.graphs import (
+    GraphInfo,
+    format_of,
+    fuse_batchnorm,
+    onnx_bytes,
+    openvino_core,
+    openvino_model,
+    read_graph_info,
+    stacked_model,
+)
 from tumorseg.runtime import (
     autocast,
     cached_choice,
@@ -39,10 +48,6 @@ from tumorseg.runtime import (
     resolve_precision,
     select_device,
 )
-
-if TYPE_CHECKING:
-    from tumorseg.checkpoint import Checkpoint
-    from tumorseg.export import GraphInfo
 
 log = logging.getLogger("tumorseg")
 
@@ -72,23 +77,6 @@ def _padded(x: torch.Tensor, divisor: int) -> tuple[np.ndarray, int, int]:
     if ph or pw:
         images = np.pad(images, ((0, 0), (0, 0), (0, ph), (0, pw)))
     return images, h, w
-
-
-def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of an eval-mode U-Net with every BatchNorm folded into the convolution before
-    it: the same function (up to rounding) with one pass over each feature map fewer.
-    The copy keeps the skip-connection hooks; it is for inference only."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    from tumorseg.model import Block
-
-    fused = copy.deepcopy(model).eval()
-    for block in fused.modules():
-        if isinstance(block, Block):
-            block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn1)
-            block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn2)
-            block.bn1, block.bn2 = nn.Identity(), nn.Identity()
-    return fused
 
 
 class TorchEngine:
@@ -163,17 +151,6 @@ class OnnxRuntimeEngine(GraphEngine):
         images, h, w = _padded(x, self.divisor)
         out = self.session.run(None, {self.input: images})[0]
         return torch.from_numpy(np.ascontiguousarray(out[..., :h, :w]))
-
-
-@functools.cache
-def openvino_core() -> Any:
-    """The one `openvino.Core` of the process. Every Core loads its own CPU plugin, which
-    installs an alternate signal stack on the thread that creates it; with several Cores
-    created and destroyed, a later Ctrl-C ran on a freed stack and crashed the process
-    (OpenVINO 2026.4). One Core, kept for the life of the process, avoids that."""
-    import openvino as ov
-
-    return ov.Core()
 
 
 class OpenVinoEngine(GraphEngine):
@@ -253,9 +230,6 @@ def matching_variants(variants: Sequence[Path], checkpoints: list[Checkpoint]) -
     a warning instead of silently serving another model."""
     if not variants:
         return []
-    from tumorseg.checkpoint import weights_digest
-    from tumorseg.export import read_graph_info
-
     digest = weights_digest(checkpoints)
     kept = []
     for v in variants:
@@ -289,8 +263,6 @@ def choose_engine(engine: str, source: list[Checkpoint] | Path, info: GraphInfo 
     Raises:
         ConfigError: an engine or precision that is not installed or cannot run this source.
     """
-    from tumorseg.export import format_of, onnx_bytes, openvino_model, stacked_model
-
     if precision not in PRECISION_CHOICES:
         raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     builders: dict[str, Callable[[], Engine]] = {}
@@ -357,13 +329,16 @@ def choose_engine(engine: str, source: list[Checkpoint] | Path, info: GraphInfo 
     if cached is not None:
         return builders[cached]()
     built: dict[str, Engine] = {}
+    failures: list[str] = []
     for name, build in builders.items():
         try:
             built[name] = build()
         except Exception as e:  # an optional engine that cannot take this model drops out of the choice
-            if len(builders) - len(built) == 1 and not built:
-                raise
+            failures.append(f"{name}: {type(e).__name__}: {e}")
             log.warning(f"engine {name} could not load this model and is left out ({type(e).__name__}: {e})")
+    if not built:
+        raise ConfigError(f"no engine could load this model ({'; '.join(failures)}); try --engine torch, or "
+                          "reinstall the engine packages")
     x = torch.randn((TIMING_BATCH, example_channels, 256, 256), generator=torch.Generator().manual_seed(0))
     choice = measured_choice("engine", key, {name: (lambda e=e: e(x)) for name, e in built.items()})
     return built[choice]

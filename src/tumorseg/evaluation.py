@@ -25,7 +25,7 @@ from tumorseg.config import NORM_PERCENTILES
 from tumorseg.data.cache import Cache
 from tumorseg.errors import ConfigError, TumorsegError
 from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
-from tumorseg.inference import Predictor, Segmentation, check_model_arguments
+from tumorseg.inference import PatientResult, Predictor, check_model_arguments
 from tumorseg.metrics import PatientScores, hd95, nanmean, score_patient, slice_scores
 
 PATIENT_FIELDS = ["patient", "slices", "dice", "iou", "precision", "recall", "hd95",
@@ -156,7 +156,7 @@ def patient_spacing(record: Any) -> tuple[float, float, float] | None:
     return tuple(record.spacing) if record.spacing else None  # type: ignore[return-value]
 
 
-def segment_cached(predictor: Predictor, cache: Cache, patient: str, images: np.ndarray | None = None) -> Segmentation:
+def segment_cached(predictor: Predictor, cache: Cache, patient: str, images: np.ndarray | None = None) -> PatientResult:
     """`predictor.segment` of a cached patient (its `images` when already read), normalised
     with the statistics the cache holds when they are the predictor's percentiles."""
     rec = cache.records[patient]

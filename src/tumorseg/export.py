@@ -1,253 +1,33 @@
-"""Export to inference graphs: ONNX (fp32) and OpenVINO IR (fp32 or int8).
-
-A graph holds one model or an ensemble with BatchNorm folded into the convolutions. Its
-input is `images`, normalised slices float32 (N, C, H, W) with dynamic N, H and W (H and W
-multiples of the U-Net's divisor); its output is `logits` float32 (N, M, H, W), one channel
-per model of the ensemble (M = 1 for one model). `Predictor` averages the probabilities.
-
-What `Predictor` needs besides the graph (channels, normalisation, inference settings,
-number of models, precision) is stored inside the file as JSON: in the ONNX
-`metadata_props` under "tumorseg", in the OpenVINO IR's `rt_info` under "tumorseg".
-
-int8 is written as OpenVINO IR by NNCF post-training quantization, calibrated on slices of
-the patients the models trained on. It is not written as ONNX: measured on the CPUs of
-this project, a quantised ONNX graph ran slower than fp32 on ONNX Runtime and slower than
-the IR on OpenVINO (README, "Inference engines").
-
-Packages: ONNX export needs `onnx`; OpenVINO export needs `openvino`; int8 needs `nncf`.
+"""`tumorseg export`: a model as a release checkpoint, a run's fold ensemble, an ONNX graph
+or an OpenVINO IR (fp32, or int8 quantised by NNCF on slices of the patients the models
+trained on). The graphs themselves are built by `tumorseg.graphs`.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import os
-import tempfile
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from tumorseg.checkpoint import NORMALIZATION_METHOD, Checkpoint, weights_digest
-from tumorseg.config import InferenceConfig
-from tumorseg.errors import CheckpointError, ConfigError, DataError
-from tumorseg.fileio import atomic_write
+from tumorseg.checkpoint import (
+    Checkpoint,
+    export_ensemble,
+    export_weights,
+    load_checkpoint,
+    load_members,
+)
+from tumorseg.data.cache import open_data
+from tumorseg.data.dataset import load_arrays
+from tumorseg.errors import CheckpointError, ConfigError, DataError, TumorsegError
+from tumorseg.fileio import check_output_dir
+from tumorseg.graphs import FORMATS, format_of, need_package, write_onnx, write_openvino
+from tumorseg.runs import run_members
 
 log = logging.getLogger("tumorseg")
 
-GRAPH_FORMAT = "tumorseg-graph"
-GRAPH_VERSION = 1
-GRAPH_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
-FORMATS = ("pt", "onnx", "openvino")
-OPSET = 17
 CALIBRATION_SLICES = 300
-
-
-def _need(package: str, purpose: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"{purpose} needs the {package} package: pip install {package} "
-                          "(or pip install 'tumorseg[onnx,int8]')")
-
-
-def format_of(path: str | Path) -> str:
-    """"onnx" for *.onnx, "openvino" for *.xml, "pt" otherwise."""
-    return GRAPH_SUFFIXES.get(Path(path).suffix.lower(), "pt")
-
-
-@dataclass(frozen=True)
-class GraphInfo:
-    """The metadata of an exported graph."""
-
-    channels: tuple[str, ...]
-    percentiles: tuple[float, float]
-    inference: InferenceConfig
-    members: int
-    precision: str  # "fp32" or "int8"
-    model_config: dict[str, Any]
-    notes: str = ""
-    calibration: dict[str, Any] | None = None
-    weights: str = ""  # checkpoint.weights_digest of the models it was made from ("": not recorded)
-
-    def to_json(self) -> str:
-        from tumorseg import __version__
-
-        return json.dumps({
-            "format": GRAPH_FORMAT, "format_version": GRAPH_VERSION, "tumorseg_version": __version__,
-            "channels": list(self.channels),
-            "normalization": {"method": NORMALIZATION_METHOD, "percentiles": list(self.percentiles)},
-            "inference": self.inference.to_dict(), "members": self.members, "precision": self.precision,
-            "model_config": self.model_config, "notes": self.notes, "calibration": self.calibration,
-            "weights": self.weights,
-        })
-
-    @classmethod
-    def from_json(cls, text: str, path: Path) -> GraphInfo:
-        try:
-            d = json.loads(text)
-            if d.get("format") != GRAPH_FORMAT:
-                raise ValueError("format")
-            if int(d["format_version"]) > GRAPH_VERSION:
-                raise CheckpointError(f"{path} has graph format version {d['format_version']}, newer than the "
-                                      f"{GRAPH_VERSION} this tumorseg reads; upgrade tumorseg")
-            low, high = d["normalization"]["percentiles"]
-            return cls(channels=tuple(d["channels"]), percentiles=(float(low), float(high)),
-                       inference=InferenceConfig.from_dict(d["inference"]), members=int(d["members"]),
-                       precision=str(d["precision"]), model_config=dict(d["model_config"]),
-                       notes=str(d.get("notes", "")), calibration=d.get("calibration"),
-                       weights=str(d.get("weights", "")))
-        except CheckpointError:
-            raise
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: no tumorseg metadata in this graph ({type(e).__name__}); export it "
-                                  "with `tumorseg export`") from e
-
-
-class Stacked(nn.Module):
-    """Models side by side: (N, C, H, W) -> logits (N, M, H, W)."""
-
-    def __init__(self, members: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m(x) for m in self.members], dim=1)
-
-
-def stacked_model(checkpoints: list[Checkpoint]) -> Stacked:
-    """The checkpoints' U-Nets with BatchNorm folded, stacked, in eval mode on the CPU."""
-    from tumorseg.inference import fuse_batchnorm
-
-    return Stacked([fuse_batchnorm(ck.build_model()) for ck in checkpoints]).eval()
-
-
-def _example(checkpoints: list[Checkpoint]) -> torch.Tensor:
-    return torch.zeros(1, len(checkpoints[0].channels), 256, 256)
-
-
-def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
-    """`module` as an ONNX graph (tracing; input `images`, output `logits`, dynamic N/H/W)."""
-    _need("onnx", "ONNX export")
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buf, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}},
-                          opset_version=OPSET, dynamo=False)
-    return buf.getvalue()
-
-
-def openvino_model(module: nn.Module, example: torch.Tensor) -> Any:
-    """`module` as an OpenVINO model (converted from PyTorch; dynamic N/H/W)."""
-    _need("openvino", "OpenVINO export")
-    import openvino as ov
-
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        converted = ov.convert_model(module, example_input=example, input=[(-1, example.shape[1], -1, -1)])
-    converted.inputs[0].get_tensor().set_names({"images"})
-    converted.outputs[0].get_tensor().set_names({"logits"})
-    return converted
-
-
-def graph_info(checkpoints: list[Checkpoint], inference: InferenceConfig, precision: str = "fp32",
-               notes: str = "", calibration: dict[str, Any] | None = None) -> GraphInfo:
-    first = checkpoints[0]
-    return GraphInfo(channels=tuple(first.channels), percentiles=first.percentiles, inference=inference,
-                     members=len(checkpoints), precision=precision, model_config=first.model_config.to_dict(),
-                     notes=notes or first.notes, calibration=calibration, weights=weights_digest(checkpoints))
-
-
-def write_onnx(checkpoints: list[Checkpoint], dst: str | Path, inference: InferenceConfig, notes: str = "") -> Path:
-    """Write the checkpoints as one fp32 ONNX graph with its metadata."""
-    _need("onnx", "ONNX export")
-    import onnx
-
-    model = onnx.load_from_string(onnx_bytes(stacked_model(checkpoints), _example(checkpoints)))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "tumorseg", graph_info(checkpoints, inference, notes=notes).to_json()
-    return atomic_write(dst, lambda f: f.write(model.SerializeToString()))
-
-
-def write_openvino(checkpoints: list[Checkpoint], dst: str | Path, inference: InferenceConfig, notes: str = "",
-                   calibration: list[np.ndarray] | None = None,
-                   calibration_info: dict[str, Any] | None = None) -> Path:
-    """Write the checkpoints as an OpenVINO IR (`dst` .xml and its .bin), fp32, or int8
-    quantised by NNCF on `calibration` batches of normalised slices."""
-    _need("openvino", "OpenVINO export")
-    if calibration is not None:
-        _need("nncf", "int8 export")
-    import openvino as ov
-
-    dst = Path(dst)
-    if dst.suffix.lower() != ".xml":
-        raise ConfigError(f"an OpenVINO model is written as NAME.xml (+ NAME.bin); got {dst}")
-    model = openvino_model(stacked_model(checkpoints), _example(checkpoints))
-    precision = "fp32"
-    if calibration is not None:
-        import nncf
-
-        nncf_log = logging.getLogger("nncf")
-        level = nncf_log.level
-        nncf_log.setLevel(logging.ERROR)
-        try:
-            model = nncf.quantize(model, nncf.Dataset(calibration), subset_size=sum(len(b) for b in calibration),
-                                  preset=nncf.QuantizationPreset.PERFORMANCE)
-        finally:
-            nncf_log.setLevel(level)
-        precision = "int8"
-    info = graph_info(checkpoints, inference, precision=precision, notes=notes, calibration=calibration_info)
-    model.set_rt_info(info.to_json(), "tumorseg")
-    # Written to a temporary folder beside it, then moved, the .xml last: a failure never
-    # leaves half an IR behind.
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".export-") as tmp:
-        tmp_xml = Path(tmp) / dst.name
-        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-        os.replace(tmp_xml.with_suffix(".bin"), dst.with_suffix(".bin"))
-        os.replace(tmp_xml, dst)
-    return dst
-
-
-def read_graph_info(path: str | Path) -> GraphInfo:
-    """The metadata of an exported .onnx or .xml graph.
-
-    Raises:
-        CheckpointError: missing or unreadable file, or no tumorseg metadata in it.
-        ConfigError: the package needed to read it is missing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    kind = format_of(path)
-    try:
-        if kind == "onnx":
-            _need("onnx", "reading an ONNX model")
-            import onnx
-
-            model = onnx.load(str(path), load_external_data=False)
-            text = next((p.value for p in model.metadata_props if p.key == "tumorseg"), "")
-        else:
-            _need("openvino", "reading an OpenVINO model")
-            if not path.with_suffix(".bin").is_file():
-                raise CheckpointError(f"{path.with_suffix('.bin')} is missing; an OpenVINO model is the .xml "
-                                      "and the .bin beside it")
-            from tumorseg.engines import openvino_core
-
-            model = openvino_core().read_model(str(path))
-            text = model.get_rt_info(["tumorseg"]).astype(str) if model.has_rt_info(["tumorseg"]) else ""
-    except (CheckpointError, ConfigError):
-        raise
-    except Exception as e:  # the readers raise their own error types on damaged files
-        raise CheckpointError(f"{path}: not a readable {kind} model ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from e
-    return GraphInfo.from_json(text, path)
 
 
 def calibration_batches(data: str | Path, checkpoints: list[Checkpoint], slices: int = CALIBRATION_SLICES,
@@ -260,9 +40,6 @@ def calibration_batches(data: str | Path, checkpoints: list[Checkpoint], slices:
     Raises:
         DataError: no usable patients.
     """
-    from tumorseg.data.cache import open_data
-    from tumorseg.data.dataset import load_arrays
-
     cache = open_data(data, progress=progress)
     trained: set[str] = set()
     for ck in checkpoints:
@@ -303,10 +80,6 @@ def export_model(source: str | Path, dst: str | Path, *, fmt: str | None = None,
         ConfigError: contradicting options or a missing package.
         TumorsegError: an unusable source, calibration data or output path.
     """
-    from tumorseg.checkpoint import export_weights, load_checkpoint, load_members
-    from tumorseg.crossval import export_run, run_members
-    from tumorseg.fileio import check_output_dir
-
     source, dst = Path(source), Path(dst)
     fmt = fmt or format_of(dst)
     if fmt not in FORMATS:
@@ -327,11 +100,11 @@ def export_model(source: str | Path, dst: str | Path, *, fmt: str | None = None,
     if calibration_slices < 16:
         raise ConfigError(f"--calibration-slices must be >= 16, got {calibration_slices}")
     if fmt == "onnx":
-        _need("onnx", "ONNX export")
+        need_package("onnx", "ONNX export")
     if fmt == "openvino":
-        _need("openvino", "OpenVINO export")
+        need_package("openvino", "OpenVINO export")
     if int8:
-        _need("nncf", "int8 export")
+        need_package("nncf", "int8 export")
     check_output_dir(dst.parent)
     if dst.is_dir():
         raise ConfigError(f"{dst} is a folder; pass a file name to --out")
@@ -344,8 +117,9 @@ def export_model(source: str | Path, dst: str | Path, *, fmt: str | None = None,
             export_weights(source, dst, threshold=threshold, postprocess=postprocess)
         return [dst]
     if source.is_dir():
-        paths, inference, _, notes = run_members(source, threshold=threshold, postprocess=postprocess)
-        checkpoints = [load_checkpoint(p) for p in paths]
+        members = run_members(source, threshold=threshold, postprocess=postprocess)
+        checkpoints = [load_checkpoint(p) for p in members.models]
+        inference, notes = members.inference, members.notes
     else:
         checkpoints = load_members(source)
         inference = checkpoints[0].inference.replace(threshold=threshold, postprocess=postprocess)
@@ -356,3 +130,19 @@ def export_model(source: str | Path, dst: str | Path, *, fmt: str | None = None,
                      if int8 else (None, None))
     write_openvino(checkpoints, dst, inference, notes=notes, calibration=batches, calibration_info=info)
     return [dst, dst.with_suffix(".bin")]
+
+
+def export_run(run_dir: str | Path, dst: str | Path, *, threshold: float | None = None,
+               postprocess: str | None = None) -> Path:
+    """Write the fold models of a cross-validation run as one ensemble file (float16
+    weights) with the settings of `runs.run_members`.
+
+    Raises:
+        TumorsegError: not a finished cross-validation run, or a bad setting.
+    """
+    members = run_members(run_dir, threshold=threshold, postprocess=postprocess)
+    check_output_dir(Path(dst).parent)
+    if Path(dst).is_dir():
+        raise TumorsegError(f"{dst} is a folder; pass a file name to --out")
+    return export_ensemble(members.models, dst, inference=members.inference, metrics=members.metrics,
+                           notes=members.notes)

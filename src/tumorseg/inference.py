@@ -1,19 +1,23 @@
 """The one prediction path: `Predictor` holds one model or an ensemble, the channels and
-normalisation it expects, an `InferenceConfig`, the device and the precision.
+normalisation it expects, an `InferenceConfig`, and an engine (`tumorseg.engines`).
 
-Training validation, `evaluate` and `predict` all go through it:
+Training validation, `evaluate`, `predict` and the web app all go through it:
 - `Predictor.predict(x)`: probabilities (and logits) for normalised slices, in chunks;
-- `Predictor.segment(volume)`: a raw uint8 patient volume in, mask and probabilities out.
+- `Predictor.segment(volume)`: a raw patient volume in, a `PatientResult` out;
+- `Predictor.predict_volume(input)`: an `InputVolume` (any input format) in, a
+  `PatientResult` on the input's own grid out.
 
 An ensemble averages the probabilities of its models; TTA averages each model's
-probabilities with those of the horizontally flipped slices.
+probabilities with those of the horizontally flipped slices. The result keeps each
+member's probabilities too (float16), for the quality features of `tumorseg.qc`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,11 +25,13 @@ from torch import nn
 
 from tumorseg.checkpoint import Checkpoint, load_members
 from tumorseg.config import CHANNELS, ENGINE_CHOICES, NORM_PERCENTILES, InferenceConfig, channel_indices
+from tumorseg.data.inputs import InputVolume
+from tumorseg.data.nifti import resample_slices
 from tumorseg.data.normalization import normalize, volume_percentiles
-from tumorseg.engines import Engine, fuse_batchnorm, torch_engine  # noqa: F401 (fuse_batchnorm: public here too)
+from tumorseg.engines import Engine, choose_engine, torch_engine
 from tumorseg.errors import CheckpointError, ConfigError
-from tumorseg.export import format_of, read_graph_info
-from tumorseg.postprocess import binarize
+from tumorseg.graphs import format_of, read_graph_info
+from tumorseg.postprocess import binarize, components
 
 BATCH_SIZE = 16  # slices per forward pass, unless the caller says otherwise
 Progress = Callable[[int, int], None]  # progress(slices done, slices in all)
@@ -48,16 +54,42 @@ class Prediction:
     probabilities: torch.Tensor  # (N, 1, H, W)
     logits: torch.Tensor | None = None  # (N, 1, H, W); an ensemble's: the logit of the mean probability
     spread: torch.Tensor | None = None  # (N, 1, H, W): std of the models' probabilities (ensembles only)
+    members: torch.Tensor | None = None  # (N, M, H, W): each model's probabilities (ensembles only)
 
 
 @dataclass
-class Segmentation:
-    """The result of `Predictor.segment` for one volume."""
+class PatientResult:
+    """The prediction of one patient: what every writer, report and the web app use.
+
+    Arrays are in the model's orientation (slice, row, column) on the input's own grid
+    (`InputVolume.grid`; slice images: their pixels)."""
 
     mask: np.ndarray  # bool (S, H, W), after threshold and post-processing
-    probabilities: np.ndarray  # float32 (S, H, W)
+    probabilities: np.ndarray  # float32 (S, H, W): the mean over the models
+    inference: InferenceConfig  # the threshold and post-processing that made `mask`
     removed_voxels: int  # voxels above the threshold that post-processing removed
+    removed_components: int  # connected regions above the threshold that post-processing removed
     spread: np.ndarray | None = None  # float32 (S, H, W): std across an ensemble's models
+    members: np.ndarray | None = None  # float16 (M, S, H, W): each model's probabilities (ensembles)
+    name: str = ""
+    qc: dict[str, Any] = field(default_factory=dict)  # quality features and flag (`tumorseg.qc`)
+
+    @property
+    def tumour_voxels(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def tumour_slices(self) -> int:
+        return int(self.mask.reshape(len(self.mask), -1).any(1).sum())
+
+    def member_probabilities(self) -> np.ndarray:
+        """float32 (M, S, H, W): each model's probabilities (one model: the result's own)."""
+        if self.members is None:
+            return self.probabilities[None]
+        return self.members.astype(np.float32)
+
+
+Segmentation = PatientResult  # the name of earlier versions
 
 
 def check_model_arguments(predictor: Predictor | None, **settings: object) -> None:
@@ -157,8 +189,6 @@ class Predictor:
                 shipped model in this install.
             ConfigError: an override out of range, or an engine that cannot run this model.
         """
-        from tumorseg.engines import choose_engine
-
         if engine not in ENGINE_CHOICES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")
         variants: list[Path] = []
@@ -223,32 +253,32 @@ class Predictor:
         n = images.shape[0]
         probs = torch.empty((n, 1, *images.shape[-2:]), dtype=torch.float32)
         raw = torch.empty_like(probs) if logits else None
-        spread = torch.empty_like(probs) if self.members > 1 else None
+        ensemble = self.members > 1
+        spread = torch.empty_like(probs) if ensemble else None
+        members = torch.empty((n, self.members, *images.shape[-2:]), dtype=torch.float32) if ensemble else None
         for start in range(0, n, self.batch_size):
             s = slice(start, min(start + self.batch_size, n))
-            p, z, sd = self._forward(images[s])
-            probs[s] = p.cpu()
+            p, z = self._forward(images[s])
+            mean = p.mean(dim=1, keepdim=True)
+            probs[s] = mean.cpu()
             if raw is not None:
-                raw[s] = z.cpu()
-            if spread is not None:
-                spread[s] = sd.cpu()
+                # One model without TTA keeps its own logits; otherwise the logit of the mean.
+                raw[s] = (z if z.shape[1] == 1 and not self.inference.tta else torch.logit(mean, eps=1e-6)).cpu()
+            if spread is not None and members is not None:
+                spread[s] = p.std(dim=1, unbiased=False, keepdim=True).cpu()
+                members[s] = p.cpu()
             if progress is not None:
                 progress(s.stop, n)
-        return Prediction(probs, raw, spread)
+        return Prediction(probs, raw, spread, members)
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(probabilities, logits, spread) of one chunk: the mean over models (and over the
-        flip with TTA) of the probabilities; the logits of that mean, or the model's own
-        logits for one model without TTA; the standard deviation across the models."""
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, logits) of each model, (N, M, H, W), for one chunk; with TTA the
+        probabilities are averaged with those of the flipped slices."""
         z = self.engine(x).float()  # (N, M, H, W)
         p = torch.sigmoid(z)
         if self.inference.tta:
             p = 0.5 * (p + torch.sigmoid(self.engine(x.flip(-1)).float()).flip(-1))
-        mean = p.mean(dim=1, keepdim=True)
-        spread = p.std(dim=1, unbiased=False, keepdim=True)
-        if z.shape[1] == 1 and not self.inference.tta:
-            return mean, z, spread
-        return mean, torch.logit(mean, eps=1e-6), spread
+        return p, z
 
     # ------------------------------------------------------------------ raw volumes
 
@@ -270,22 +300,53 @@ class Predictor:
         return normalize(x, torch.tensor([low[c] for c in ch]), torch.tensor([high[c] for c in ch]))
 
     def segment(self, volume: np.ndarray, low: Sequence[float] | None = None,
-                high: Sequence[float] | None = None, progress: Progress | None = None) -> Segmentation:
+                high: Sequence[float] | None = None, progress: Progress | None = None) -> PatientResult:
         """Segment one patient volume (S, H, W, 3): normalise (see `normalize_volume`),
         predict, threshold and post-process as configured."""
-        return self.finish(*self.volume_probabilities(volume, low, high, progress))
-
-    def volume_probabilities(self, volume: np.ndarray, low: Sequence[float] | None = None,
-                             high: Sequence[float] | None = None,
-                             progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """The probabilities float32 (S, H, W) of one patient volume (S, H, W, 3), and for
-        an ensemble their spread across the models (else None)."""
         pred = self.predict(self.normalize_volume(volume, low, high), progress=progress)
-        return pred.probabilities[:, 0].numpy(), pred.spread[:, 0].numpy() if pred.spread is not None else None
+        return self.finish(*_arrays(pred))
 
-    def finish(self, probabilities: np.ndarray, spread: np.ndarray | None = None) -> Segmentation:
-        """Threshold and post-process probabilities float32 (S, H, W) as configured (for
-        probabilities brought back to another grid; `segment` ends with it too)."""
-        mask = binarize(probabilities, self.inference)
-        removed = int(np.count_nonzero(probabilities > self.inference.threshold)) - int(np.count_nonzero(mask))
-        return Segmentation(mask=mask, probabilities=probabilities, removed_voxels=removed, spread=spread)
+    def predict_volume(self, volume: InputVolume, progress: Progress | None = None) -> PatientResult:
+        """Segment one patient of any input format: predict at the model's scale, bring
+        the probabilities back to the input's grid (`volume.native_shape`), then threshold
+        and post-process there."""
+        pred = self.predict(self.normalize_volume(volume.images), progress=progress)
+        probs, spread, members = _arrays(pred)
+        if volume.native_shape is not None:
+            shape = volume.native_shape
+            probs = resample_slices(probs, shape)
+            spread = resample_slices(spread, shape) if spread is not None else None
+            members = (np.stack([resample_slices(m.astype(np.float32), shape) for m in members]).astype(np.float16)
+                       if members is not None else None)
+        result = self.finish(probs, spread, members)
+        result.name = volume.name
+        return result
+
+    def finish(self, probabilities: np.ndarray, spread: np.ndarray | None = None,
+               members: np.ndarray | None = None) -> PatientResult:
+        """Threshold and post-process probabilities float32 (S, H, W) as configured."""
+        return finish(probabilities, self.inference, spread, members)
+
+
+def _arrays(pred: Prediction) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(probabilities (S, H, W), spread or None, members float16 (M, S, H, W) or None)."""
+    probs = pred.probabilities[:, 0].numpy()
+    spread = pred.spread[:, 0].numpy() if pred.spread is not None else None
+    members = pred.members.permute(1, 0, 2, 3).numpy().astype(np.float16) if pred.members is not None else None
+    return probs, spread, members
+
+
+def finish(probabilities: np.ndarray, inference: InferenceConfig, spread: np.ndarray | None = None,
+           members: np.ndarray | None = None) -> PatientResult:
+    """The `PatientResult` of probabilities float32 (S, H, W): thresholded and
+    post-processed by `inference`, with what post-processing removed."""
+    mask = binarize(probabilities, inference)
+    above = probabilities > inference.threshold
+    removed = int(np.count_nonzero(above)) - int(np.count_nonzero(mask))
+    removed_regions = 0
+    if removed:
+        _, before = components(above)
+        _, after = components(mask)
+        removed_regions = before - after
+    return PatientResult(mask=mask, probabilities=probabilities, inference=inference, removed_voxels=removed,
+                         removed_components=removed_regions, spread=spread, members=members)

@@ -169,6 +169,8 @@ def measured_choice(kind: str, key: dict[str, Any], candidates: dict[str, Callab
     first candidate is the default: another must be MIN_SPEEDUP times faster to replace it.
     Says in the log what it picked and whether it measured. A cache that cannot be read
     or written is measured around, never an error."""
+    if not candidates:
+        raise ValueError(f"no {kind} candidates to choose from")
     if len(candidates) == 1:
         return next(iter(candidates))
     cached = cached_choice(kind, key, candidates)

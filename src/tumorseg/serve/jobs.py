@@ -1,5 +1,7 @@
 """Jobs of the web app: one uploaded patient each, segmented by `tumorseg predict`'s own
-code in a bounded pool of worker threads with one model loaded once.
+flow (`prediction.predict_each`) in a bounded pool of worker threads with one model loaded
+once. The viewer's volumes and the Dice come from the values that flow yields (the
+input volume, its label and the `PatientResult`), never from files read back.
 
 A job's folder, `<root>/<id>/`:
     input/<patient>/    the uploaded files (flat); removed when the job ends
@@ -27,20 +29,22 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from tumorseg.config import CHANNELS, ServeConfig
-from tumorseg.data.kaggle import list_slices
+from tumorseg.data.inputs import find_inputs
 from tumorseg.data.nifti import (
     DEFAULT_SPACING,
     SEQUENCE_WORDS,
     find_sequences,
     nifti_stem,
     read_nifti_patient,
+    resample_slices,
+    to_input_order,
     write_kaggle_volume,
 )
-from tumorseg.data.slices import read_mask, read_volume, slice_images
+from tumorseg.data.slices import read_volume, slice_images
 from tumorseg.errors import DataError, TumorsegError
 from tumorseg.inference import Predictor
 from tumorseg.metrics import score_patient
-from tumorseg.prediction import predict
+from tumorseg.prediction import Predicted, predict_each
 from tumorseg.serve.uploads import (
     Limits,
     UploadError,
@@ -222,16 +226,13 @@ class JobStore:
 
             with self._model_lock:
                 job.stage = "reading"
-                (summary,) = predict([patient.folder], out, predictor=self.predictor, show_progress=False,
-                                     progress=progress)
+                (done,) = predict_each(find_inputs([patient.folder]), out, self.predictor, show_progress=False,
+                                       progress=progress, labels=True)
             job.stage, job.progress = "preparing the viewer", 0.95
             view = job.folder / "view"
-            if patient.kind == "nifti":
-                details = _nifti_view(patient, out, view)
-            else:
-                details = _slice_view(patient, out, view)
+            details = _nifti_view(done, view) if patient.kind == "nifti" else _slice_view(done, out, view)
             job.download = details.pop("download_path")
-            mask = details.pop("mask")
+            summary, mask = done.summary, done.result.mask
             per_slice = mask.reshape(len(mask), -1).sum(1)
             job.result = {
                 "name": patient.name, "input": "nifti" if patient.kind == "nifti" else "slices",
@@ -276,64 +277,49 @@ def _without_folder(message: str, folder: Path) -> str:
     return re.sub(re.escape(str(folder)) + r"/(input/|upload/(unpacked/)?)?([^/\s]+/)?", "", message)
 
 
-def _nifti_view(patient: PatientInput, out: Path, view: Path) -> dict[str, Any]:
-    """Viewer volumes of a NIfTI patient, reoriented to the closest canonical (RAS) voxel
-    order so that voxel axis 2 runs from the feet to the head as the model's slices do;
-    Dice against its label on the input's grid."""
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation
+def _dice(done: Predicted) -> float | None:
+    label = done.volume.label
+    return score_patient(done.volume.name, done.result.mask, label, surface=False).dice if label is not None else None
 
-    files = find_sequences(patient.folder)
-    nii = read_nifti_patient(files)
-    pred = out / patient.name / f"{patient.name}_pred.nii.gz"
-    pred_img = nib.load(str(pred))
-    mask = apply_orientation(np.asarray(pred_img.dataobj), nii.grid.to_model) > 0
+
+def _nifti_view(done: Predicted, view: Path) -> dict[str, Any]:
+    """Viewer volumes of a NIfTI patient on its own grid, reoriented to the closest
+    canonical (RAS) voxel order so that voxel axis 2 runs from the feet to the head as the
+    model's slices do; Dice against its label on that grid."""
+    import nibabel as nib
+
+    volume, result = done.volume, done.result
+    grid = volume.grid
+    assert grid is not None
+    flair = volume.images[..., FLAIR]
+    if flair.shape[1:] != result.mask.shape[1:]:  # resampled for the model: back to the input's grid
+        flair = resample_slices(flair.astype(np.float32), result.mask.shape[1:])
+    volumes = {"image.nii.gz": flair.astype(np.float32), "mask.nii.gz": result.mask.astype(np.uint8)}
+    if volume.label is not None:
+        volumes["truth.nii.gz"] = volume.label.astype(np.uint8)
     view.mkdir(parents=True, exist_ok=True)
-    flair = nib.load(str(files.flair))
-    volumes = {"image.nii.gz": nib.Nifti1Image(np.asarray(flair.dataobj, dtype=np.float32), flair.affine),
-               "mask.nii.gz": nib.Nifti1Image(np.asarray(pred_img.dataobj, dtype=np.uint8), pred_img.affine)}
-    dice = None
-    if nii.label is not None:
-        label = nib.load(str(files.label))
-        volumes["truth.nii.gz"] = nib.Nifti1Image((np.asarray(label.dataobj) != 0).astype(np.uint8), label.affine)
-        dice = score_patient(patient.name, mask, nii.label, surface=False).dice
-    for name, img in volumes.items():
-        img = nib.as_closest_canonical(img)
+    for name, array in volumes.items():
+        img = nib.as_closest_canonical(nib.Nifti1Image(to_input_order(array, grid), grid.affine))
         img.header.set_xyzt_units("mm")
         nib.save(img, str(view / name))
-    return {"has_label": nii.label is not None, "dice": dice, "mask": mask, "download_path": pred,
+    pred = next(f for f in done.files if f.name.endswith("_pred.nii.gz"))
+    return {"has_label": volume.label is not None, "dice": _dice(done), "download_path": pred,
             "download_name": pred.name}
 
 
-def _slice_view(patient: PatientInput, out: Path, view: Path) -> dict[str, Any]:
+def _slice_view(done: Predicted, out: Path, view: Path) -> dict[str, Any]:
     """Viewer volumes of slice images (spacing unknown: 1 x 0.94 x 0.94 mm is shown), the
     predicted PNGs zipped for download, and Dice against the masks when every slice has one."""
-    files = slice_images(patient.folder)
-    images = read_volume(files, patient.name)
-    pred_dir = out / patient.name
-    preds = [pred_dir / f"{f.stem}_pred.png" for f in files]
-    mask = np.stack([read_mask(p) for p in preds]) > 0
-    truth = _truth(patient.folder, files)
+    volume, mask = done.volume, done.result.mask
     view.mkdir(parents=True, exist_ok=True)
-    write_kaggle_volume(view / "image.nii.gz", images[..., FLAIR], DEFAULT_SPACING)
+    write_kaggle_volume(view / "image.nii.gz", volume.images[..., FLAIR], DEFAULT_SPACING)
     write_kaggle_volume(view / "mask.nii.gz", mask.astype(np.uint8), DEFAULT_SPACING)
-    if truth is not None:
-        write_kaggle_volume(view / "truth.nii.gz", truth.astype(np.uint8), DEFAULT_SPACING)
-    archive = out / f"{patient.name}_masks.zip"
+    if volume.label is not None:
+        write_kaggle_volume(view / "truth.nii.gz", volume.label.astype(np.uint8), DEFAULT_SPACING)
+    archive = out / f"{volume.name}_masks.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for p in preds:
-            zf.write(p, arcname=f"{patient.name}/{p.name}")
-    dice = score_patient(patient.name, mask, truth, surface=False).dice if truth is not None else None
-    return {"has_label": truth is not None, "dice": dice, "mask": mask, "download_path": archive,
+        for p in done.files:
+            if p.name.endswith("_pred.png"):
+                zf.write(p, arcname=f"{volume.name}/{p.name}")
+    return {"has_label": volume.label is not None, "dice": _dice(done), "download_path": archive,
             "download_name": archive.name}
-
-
-def _truth(folder: Path, files: list[Path]) -> np.ndarray | None:
-    """The masks of the slices when every slice has one (kaggle_3m naming), else None."""
-    try:
-        slices = list_slices(folder, require_masks=True)
-    except DataError:
-        return None
-    if [s.image for s in slices] != files:
-        return None
-    return np.stack([read_mask(s.mask) for s in slices if s.mask is not None]) > 0

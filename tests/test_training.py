@@ -13,7 +13,7 @@ import torch
 from tumorseg.checkpoint import load_checkpoint
 from tumorseg.config import TrainConfig, preset, replace_config
 from tumorseg.data import prepare
-from tumorseg.engine import fit, run_training
+from tumorseg.training import fit, run_training
 from tumorseg.errors import TumorsegError
 
 TINY = dict(
@@ -40,7 +40,7 @@ def test_seed_preset_is_the_original_recipe():
 
 
 def test_step_schedule_drops_lr_at_epoch_30():
-    from tumorseg.engine import make_scheduler
+    from tumorseg.training import make_scheduler
 
     cfg = preset("seed")
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
@@ -229,7 +229,7 @@ def test_validate_weights_the_chunk_losses_by_chunk_size_and_scores_each_patient
     from torch import nn
 
     from tumorseg.data.dataset import SliceArrays
-    from tumorseg.engine import validate
+    from tumorseg.training import validate
     from tumorseg.inference import Predictor
     from tumorseg.losses import DiceLoss
 
@@ -319,7 +319,7 @@ def test_validation_scores_each_patient_at_its_own_size(make_kaggle, tmp_path):
     from test_nifti import unet_predictor
 
     from tumorseg.data.dataset import load_arrays
-    from tumorseg.engine import merge_validations, validate
+    from tumorseg.training import merge_validations, validate
     from tumorseg.losses import make_loss
 
     a = make_kaggle(name="a", patients={"PAT_A_1": 4}, size=(32, 32), strays=False)

@@ -1,6 +1,7 @@
 """Training: plain functions. `train_one_epoch` and `validate` do one pass each; `fit`
-runs a whole training into a run folder; `run_training` starts or resumes one from the
-command line's arguments (a data path, a config or a run folder).
+runs a whole training into a run folder (`runs.TrainingDir`) in named steps
+(`_set_up`, `_run_epoch`, `_validation`, `_save`); `run_training` starts or resumes one
+from the command line's arguments (a data path, a config or a run folder).
 
 A run interrupted at any step (Ctrl-C, SIGTERM, a step limit) saves last.pt with its
 position inside the epoch and resumes exactly: the batches come from data.sampling's
@@ -52,6 +53,7 @@ from tumorseg.losses import make_loss
 from tumorseg.metrics import score_patient
 from tumorseg.model import UNet
 from tumorseg.postprocess import binarize
+from tumorseg.runs import TrainingDir
 from tumorseg.runtime import (
     StopRequest,
     StopTraining,
@@ -216,7 +218,7 @@ def prepare_split(cfg: TrainConfig, cache: Cache, run_dir: Path, split_file: str
                   resume: bool = False, write: bool = True) -> Split:
     """The split of this run: the run's own splits.json when resuming, `split_file` if
     given, or a new seeded split; written to RUN_DIR/splits.json (with `write`)."""
-    own = run_dir / "splits.json"
+    own = TrainingDir(run_dir).splits
     if resume and own.is_file():
         split = load_split(own)
     elif split_file is not None:
@@ -265,7 +267,7 @@ def fit(
             output folder that cannot be written, or a diverging loss.
     """
     run_dir = Path(run_dir)
-    last_path = run_dir / "last.pt"
+    last_path = TrainingDir(run_dir).last
     world = world_from_env()
     state = check_run_dir(run_dir, resume)
     if state is not None:
@@ -276,7 +278,7 @@ def fit(
         return _fit(cfg, cache, run_dir, inference, state, device, split_file, False, on_epoch,
                     stop_after_steps, data_path, world)
     # A failure before the first checkpoint leaves no half-made run behind.
-    with undo_on_failure(run_dir, ("config.json", "inference.json", "splits.json"), kept=last_path.exists):
+    with undo_on_failure(run_dir, TrainingDir.SETUP_FILES, kept=last_path.exists):
         prepare_output_dir(run_dir)
         return _fit(cfg, cache, run_dir, inference, state, device, split_file, show_progress, on_epoch,
                     stop_after_steps, data_path, world)
@@ -302,7 +304,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> Checkpoint | None:
     Raises:
         TumorsegError: what is wrong, and what to do.
     """
-    last = run_dir / "last.pt"
+    last = TrainingDir(run_dir).last
     if not resume:
         check_output_dir(run_dir)
         if last.exists():
@@ -321,18 +323,44 @@ def check_run_dir(run_dir: Path, resume: bool) -> Checkpoint | None:
     return state
 
 
-def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConfig, state: Checkpoint | None,
-         device: str, split_file: str | Path | None, show_progress: bool,
-         on_epoch: Callable[[dict[str, Any]], None] | None, stop_after_steps: int | None,
-         data_path: str | None, world: World) -> FitResult:
-    from tumorseg.plots import plot_training_curves
+@dataclass
+class _Session:
+    """Everything one training run works with, made by `_set_up`."""
 
+    cfg: TrainConfig
+    files: TrainingDir
+    inference: InferenceConfig
+    world: World
+    device: torch.device
+    dtype: torch.dtype | None
+    model: nn.Module  # the weights being trained (what checkpoints save)
+    trained: nn.Module  # `model`, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: nn.Module  # validation's: no collectives
+    train_loss_fn: nn.Module  # pooled across ranks under torchrun
+    train: SliceArrays
+    val: SliceArrays | None  # this rank's share of the validation patients
+    predictor: Predictor  # the live model, unfused: validation sees exactly the weights being trained
+    train_patients: list[str]
+    val_patients: list[str]
+    data_path: str | None
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "dice": -math.inf})
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _set_up(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConfig, state: Checkpoint | None,
+            device: str, split_file: str | Path | None, data_path: str | None, world: World) -> _Session:
+    """Write the run's config, choose the split, device and precision, build the model,
+    optimiser and data, and restore them from `state` when resuming."""
+    files = TrainingDir(run_dir)
     resume = state is not None
-    last_path = run_dir / "last.pt"
     main = world.is_main
     if main:
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
-        atomic_write_text(run_dir / "inference.json", json.dumps(inference.to_dict(), indent=1) + "\n")
+        atomic_write_text(files.config, json.dumps(cfg.to_dict(), indent=1) + "\n")
+        atomic_write_text(files.inference, json.dumps(inference.to_dict(), indent=1) + "\n")
     split = prepare_split(cfg, cache, run_dir, split_file, resume, write=main)
     if cfg.fold < 0:  # a final model: every non-test patient trains, nothing validates
         train_patients, val_patients = split.train_all(), []
@@ -344,26 +372,17 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
         raise TumorsegError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU version); on the CPU each "
                             "process normalises its own shard: drop --sync-bn")
     model, optimizer, scheduler, loss_fn = build_training(cfg, dev)
-    recorded = state.training.precision if state is not None and state.training is not None else ""
-    if cfg.precision == "auto" and recorded:  # a resumed run keeps the precision it started in
-        dtype = resolve_precision(recorded, dev)
-    elif main:
-        side = cfg.crop or 256
-        dtype = resolve_precision(cfg.precision, dev, model, train=True,
-                                  sample=(cfg.batch_size, len(cfg.channels), side, side),
-                                  channels_last=cfg.channels_last)
-    if world.distributed:  # every rank trains in rank 0's choice
-        dtype = resolve_precision(broadcast(precision_name(dtype) if main else ""), dev)
+    dtype = _training_precision(cfg, state, dev, model, world)
     what = f"fold {cfg.fold} of {cfg.folds}" if cfg.fold >= 0 else "every non-test patient"
     processes = f", {world.size} processes (global batch {cfg.batch_size * world.size})" if world.distributed else ""
     log.info(f"training {what} into {run_dir} ({'resuming' if resume else 'new run'}) on {dev}, "
              f"{precision_name(dtype)}{processes}")
-    history: list[dict[str, Any]] = []
     progress = EpochProgress()
+    history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "dice": -math.inf}
     last_metrics: dict[str, Any] = {}
     if state is not None:
-        assert state.training is not None  # checked above
+        assert state.training is not None  # check_run_dir
         model.load_state_dict(state.state_dict)
         optimizer.load_state_dict(state.training.optimizer)
         scheduler.load_state_dict(state.training.scheduler)
@@ -379,7 +398,6 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    train_loss_fn = make_loss(cfg.loss, pool=sum_across_ranks)  # validation keeps `loss_fn`: no collectives
 
     train = load_arrays(cache, train_patients, cfg.channels)
     per_epoch = cfg.samples_per_epoch or len(train)
@@ -392,27 +410,110 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
                             f"use --crop {min(height, width)} or less, or --crop 0 for whole slices")
     mine = split_patients(val_patients, world)  # validation is sharded by patient, then gathered
     val = load_arrays(cache, mine, cfg.channels) if mine else None
-    # The live model, unfused: validation sees exactly the weights being trained.
     predictor = Predictor([model], channels=cfg.channels, inference=inference, device=dev,
                           precision=precision_name(dtype), channels_last=cfg.channels_last, fuse=False)
+    return _Session(cfg=cfg, files=files, inference=inference, world=world, device=dev, dtype=dtype, model=model,
+                    trained=trained, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                    train_loss_fn=make_loss(cfg.loss, pool=sum_across_ranks), train=train, val=val,
+                    predictor=predictor, train_patients=train_patients, val_patients=val_patients,
+                    data_path=data_path, progress=progress, history=history, best=best, last_metrics=last_metrics)
 
-    def checkpoint(path: Path) -> None:
-        save_checkpoint(path, Checkpoint.of_model(
-            model, channels=cfg.channels, percentiles=NORM_PERCENTILES, inference=inference,
-            train_config=cfg, epoch=progress.epoch, history=history, best=best, metrics=last_metrics,
-            split={"fold": cfg.fold, "train": train_patients, "val": val_patients},
-            training=TrainingState(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                   rng={"torch": torch.get_rng_state()}, progress=asdict(progress),
-                                   data_path=data_path, sampler=SAMPLER, precision=precision_name(dtype),
-                                   world_size=world.size),
-        ))
 
+def _training_precision(cfg: TrainConfig, state: Checkpoint | None, dev: torch.device, model: nn.Module,
+                        world: World) -> torch.dtype | None:
+    """The autocast dtype of the run: a resumed run keeps the precision it started in;
+    a new one resolves `cfg.precision` (timed for "auto"); under torchrun every rank
+    trains in rank 0's choice."""
+    recorded = state.training.precision if state is not None and state.training is not None else ""
+    dtype: torch.dtype | None = None
+    if cfg.precision == "auto" and recorded:
+        dtype = resolve_precision(recorded, dev)
+    elif world.is_main:
+        side = cfg.crop or 256
+        dtype = resolve_precision(cfg.precision, dev, model, train=True,
+                                  sample=(cfg.batch_size, len(cfg.channels), side, side),
+                                  channels_last=cfg.channels_last)
+    if world.distributed:
+        dtype = resolve_precision(broadcast(precision_name(dtype) if world.is_main else ""), dev)
+    return dtype
+
+
+def _save(run: _Session, path: Path) -> None:
+    """Save the run's whole state (weights, optimiser, schedule, RNG, position) to `path`."""
+    cfg = run.cfg
+    save_checkpoint(path, Checkpoint.of_model(
+        run.model, channels=cfg.channels, percentiles=NORM_PERCENTILES, inference=run.inference,
+        train_config=cfg, epoch=run.progress.epoch, history=run.history, best=run.best, metrics=run.last_metrics,
+        split={"fold": cfg.fold, "train": run.train_patients, "val": run.val_patients},
+        training=TrainingState(optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                               rng={"torch": torch.get_rng_state()}, progress=asdict(run.progress),
+                               data_path=run.data_path, sampler=SAMPLER, precision=precision_name(run.dtype),
+                               world_size=run.world.size),
+    ))
+
+
+def _validation(run: _Session) -> dict[str, Any]:
+    """This epoch's validation, gathered across ranks (NaN scores for fold -1)."""
+    if not run.val_patients:
+        return {"val_loss": math.nan, "val_dice_mean": math.nan, "val_dice_median": math.nan, "per_patient": {}}
+    part = (validate(run.predictor, run.val, run.loss_fn) if run.val is not None
+            else {"loss_sum": 0.0, "slices": 0, "per_patient": {}})
+    return merge_validations(gather(part))
+
+
+def _run_epoch(run: _Session, show_progress: bool, on_step: Callable[[EpochProgress], None]) -> tuple[dict, bool]:
+    """Train and validate one epoch, step the schedule, and save (rank 0): best.pt when
+    validation improved, then last.pt, metrics.csv and the curves. Returns (the epoch's
+    row, whether it improved)."""
+    from tumorseg.plots import plot_training_curves
+
+    cfg, progress = run.cfg, run.progress
+    train_loss = train_one_epoch(run.trained, run.train, cfg, run.optimizer, run.train_loss_fn, run.device,
+                                 run.dtype, progress, show_progress, on_step, run.world)
+    v = _validation(run)
+    row = {
+        "epoch": progress.epoch + 1, "train_loss": train_loss, "val_loss": v["val_loss"],
+        "val_dice_mean": v["val_dice_mean"], "val_dice_median": v["val_dice_median"],
+        "lr": run.optimizer.param_groups[0]["lr"], "seconds": progress.seconds,
+        "train_img_s": progress.images / max(progress.seconds, 1e-9),
+    }
+    run.history.append(row)
+    with warnings.catch_warnings():
+        # After a resume at the very end of an epoch this process made no optimiser step
+        # yet; the restored schedule is still right.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        run.scheduler.step()
+    run.progress = EpochProgress(epoch=progress.epoch + 1)
+    improved = bool(run.val_patients) and v["val_dice_mean"] > run.best["dice"]
+    if improved:
+        run.best = {"epoch": row["epoch"], "dice": v["val_dice_mean"]}
+    run.last_metrics = {**row, "val_per_patient": v["per_patient"]}
+    if run.world.is_main:
+        if improved:  # best.pt first: last.pt never names a best epoch not yet saved
+            _save(run, run.files.best)
+        _save(run, run.files.last)
+        write_metrics_csv(run.history, run.files.metrics)
+        plot_training_curves(run.history, run.files.curves)
+    scores = (f"val loss {v['val_loss']:.4f}  val Dice mean {v['val_dice_mean']:.4f} "
+              f"median {v['val_dice_median']:.4f}" if run.val_patients else f"no validation (fold {cfg.fold})")
+    log.info(f"epoch {row['epoch']}/{cfg.epochs}: train loss {train_loss:.4f}  {scores}  "
+             f"{row['train_img_s']:.1f} img/s" + ("  *best*" if improved else ""))
+    return row, improved
+
+
+def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConfig, state: Checkpoint | None,
+         device: str, split_file: str | Path | None, show_progress: bool,
+         on_epoch: Callable[[dict[str, Any]], None] | None, stop_after_steps: int | None,
+         data_path: str | None, world: World) -> FitResult:
+    """Set up, then run epochs until done or stopped (Ctrl-C, SIGTERM, a step limit:
+    last.pt is saved with the position inside the epoch)."""
+    run = _set_up(cfg, cache, run_dir, inference, state, device, split_file, data_path, world)
     steps_done = 0
     interrupted = at_once = False
     with graceful_stop() as stop:
 
         def check_stop() -> None:
-            if stop_agreed(stop, world, dev):
+            if stop_agreed(stop, world, run.device):
                 raise StopTraining
 
         def on_step(p: EpochProgress) -> None:
@@ -423,56 +524,22 @@ def _fit(cfg: TrainConfig, cache: Cache, run_dir: Path, inference: InferenceConf
             check_stop()
 
         try:
-            while progress.epoch < cfg.epochs:
-                train_loss = train_one_epoch(trained, train, cfg, optimizer, train_loss_fn, dev, dtype, progress,
-                                             show_progress, on_step, world)
-                if val_patients:
-                    part = validate(predictor, val, loss_fn) if val is not None else \
-                        {"loss_sum": 0.0, "slices": 0, "per_patient": {}}
-                    v = merge_validations(gather(part))
-                else:
-                    v = {"val_loss": math.nan, "val_dice_mean": math.nan, "val_dice_median": math.nan,
-                         "per_patient": {}}
-                row = {
-                    "epoch": progress.epoch + 1, "train_loss": train_loss, "val_loss": v["val_loss"],
-                    "val_dice_mean": v["val_dice_mean"], "val_dice_median": v["val_dice_median"],
-                    "lr": optimizer.param_groups[0]["lr"], "seconds": progress.seconds,
-                    "train_img_s": progress.images / max(progress.seconds, 1e-9),
-                }
-                history.append(row)
-                with warnings.catch_warnings():
-                    # After a resume at the very end of an epoch this process made no
-                    # optimiser step yet; the restored schedule is still right.
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    scheduler.step()
-                progress = EpochProgress(epoch=progress.epoch + 1)
-                improved = bool(val_patients) and v["val_dice_mean"] > best["dice"]
-                if improved:
-                    best = {"epoch": row["epoch"], "dice": v["val_dice_mean"]}
-                last_metrics = {**row, "val_per_patient": v["per_patient"]}
-                if main:
-                    if improved:  # best.pt first: last.pt never names a best epoch not yet saved
-                        checkpoint(run_dir / "best.pt")
-                    checkpoint(last_path)
-                    write_metrics_csv(history, run_dir / "metrics.csv")
-                    plot_training_curves(history, run_dir / "training_curves.png")
-                scores = (f"val loss {v['val_loss']:.4f}  val Dice mean {v['val_dice_mean']:.4f} "
-                          f"median {v['val_dice_median']:.4f}" if val_patients else f"no validation (fold {cfg.fold})")
-                log.info(f"epoch {row['epoch']}/{cfg.epochs}: train loss {train_loss:.4f}  {scores}  "
-                         f"{row['train_img_s']:.1f} img/s" + ("  *best*" if improved else ""))
+            while run.progress.epoch < cfg.epochs:
+                row, _ = _run_epoch(run, show_progress, on_step)
                 if on_epoch is not None:
                     on_epoch(row)
-                if progress.epoch < cfg.epochs:  # a signal during validation or saving; a finished run is done
+                if run.progress.epoch < cfg.epochs:  # a signal during validation or saving; a finished run is done
                     check_stop()
         except StopTraining:
             interrupted = True
-            if main:
-                checkpoint(last_path)
+            if world.is_main:
+                _save(run, run.files.last)
         except KeyboardInterrupt:  # second Ctrl-C: the state may be torn, keep the last save
             # (under torchrun the other ranks are ended by torchrun when this one exits)
             interrupted = at_once = True
-    best_dice = float(best["dice"]) if best["epoch"] else math.nan
-    return FitResult(run_dir, progress.epoch, int(best["epoch"]), best_dice, history, interrupted, at_once)
+    best_dice = float(run.best["dice"]) if run.best["epoch"] else math.nan
+    return FitResult(run_dir, run.progress.epoch, int(run.best["epoch"]), best_dice, run.history, interrupted,
+                     at_once)
 
 
 def stop_agreed(stop: StopRequest, world: World, device: torch.device) -> bool:
