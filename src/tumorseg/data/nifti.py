@@ -249,7 +249,7 @@ def pipeline_bytes(flair_shape: Sequence[int], file_shapes: Sequence[Sequence[in
     """
     n = int(np.prod([int(s) for s in flair_shape], dtype=object))
     files = n + sum(int(np.prod([int(s) for s in shape], dtype=object)) for shape in file_shapes)
-    scaled = int(n * float(inplane_scale))
+    scaled = n if inplane_scale == 1.0 else int(n * float(inplane_scale))
     return 4 * (files + resampled * n + 2 * 3 * n + 2 * 3 * scaled + 2 * scaled + 2 * n)
 
 
