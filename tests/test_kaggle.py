@@ -167,12 +167,22 @@ def test_other_bit_depths_say_how_to_convert(kaggle, array, mode, depth):
     assert msg == f"{path}: {depth} pixels (mode {mode}), expected 8-bit (uint8); {TO_8_BIT}"
 
 
-def test_16_bit_mask(kaggle):
+def test_16_bit_label_map_mask_is_read_any_non_zero_as_tumour(kaggle):
     path = kaggle.mask_path("PAT_B_2002", 2)
-    Image.fromarray(np.full((32, 32), 65535, dtype=np.uint16)).save(path)
+    labels = np.zeros((32, 32), dtype=np.uint16)
+    labels[3, 4], labels[5, 6], labels[7, 8] = 1, 2, 65535
+    Image.fromarray(labels).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    _, _, masks = read_patient(kaggle.root / "PAT_B_2002")
+    assert np.array_equal(masks[1], (labels != 0).astype(np.uint8))
+
+
+def test_float_mask_is_refused(kaggle):
+    path = kaggle.mask_path("PAT_B_2002", 2)
+    Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32)).save(path)
     msg = error_of(read_patient, kaggle.root / "PAT_B_2002")
-    assert msg == (f"{path}: expected a single-channel 8-bit mask (0/255), got mode I;16; save masks as "
-                   "8-bit grey images, 0 for background and 255 for tumour")
+    assert msg == (f"{path}: expected a grey mask (8- or 16-bit, or RGB), got mode F; save masks as 8-bit grey "
+                   "images, 0 for background and 255 (any non-zero value) for tumour")
 
 
 def test_wrong_channel_count(kaggle):
@@ -202,11 +212,18 @@ def test_palette_image_is_named_as_such(kaggle):
                    "(pre-contrast, FLAIR, post-contrast) as the channels of an 8-bit RGB image")
 
 
-def test_rgb_mask_is_rejected(kaggle):
+def test_rgb_masks_grey_or_coloured_are_read_and_rgba_is_refused(kaggle):
     path = kaggle.mask_path("PAT_B_2002", 1)
-    write_rgb(path, np.zeros((32, 32, 3), np.uint8))
-    msg = error_of(read_mask, path)
-    assert msg.startswith(f"{path}: expected a single-channel 8-bit mask (0/255), got mode RGB; save masks")
+    grey = np.zeros((32, 32, 3), np.uint8)
+    grey[2:5, 3:9] = 255
+    write_rgb(path, grey)
+    assert np.array_equal(read_mask(path), grey[..., 0] // 255)
+    green = np.zeros((32, 32, 3), np.uint8)
+    green[2:5, 3:9, 1] = 200  # a label drawn in green on black
+    write_rgb(path, green)
+    assert np.array_equal(read_mask(path), grey[..., 0] // 255)
+    Image.fromarray(np.zeros((32, 32, 4), np.uint8)).save(path)
+    assert error_of(read_mask, path).startswith(f"{path}: expected a grey mask (8- or 16-bit, or RGB), got mode RGBA")
 
 
 def test_slices_of_different_sizes(kaggle):

@@ -188,18 +188,27 @@ def _bad_cases(converted: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     nan = data.astype(np.float32)
     nan[0, 0, 0] = np.nan
     cases["NaN"] = ([str(_save(nib.Nifti1Image(nan, flair.affine), tmp / "nan.nii.gz"))], "has 1 NaN voxels")
-    grids = tmp / "grids"
-    grids.mkdir()
-    _save(flair, grids / "g_flair.nii.gz")
-    _save(nib.Nifti1Image(data[:-2], flair.affine), grids / "g_t1.nii.gz")
-    cases["grids"] = ([str(grids)], "are on different grids")
-    shifted = tmp / "shifted"
-    shifted.mkdir()
-    _save(flair, shifted / "s_flair.nii.gz")
+    far = tmp / "far"  # another grid, not overlapping: resampling cannot help
+    far.mkdir()
+    _save(flair, far / "g_flair.nii.gz")
     moved = flair.affine.copy()
-    moved[0, 3] += 5.0
-    _save(nib.Nifti1Image(data, moved), shifted / "s_t1ce.nii.gz")
-    cases["affine"] = ([str(shifted)], "are on different grids")
+    moved[0, 3] += 500.0
+    _save(nib.Nifti1Image(data, moved), far / "g_t1.nii.gz")
+    cases["far grid"] = ([str(far)], "covers 0% of the FLAIR grid")
+    nowhere = tmp / "nowhere_flair.nii"
+    _save(nib.Nifti1Image(data, flair.affine), nowhere)
+    raw = bytearray(nowhere.read_bytes())
+    raw[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim 1-3
+    raw[252:256] = np.array([0, 1], "<i2").tobytes()  # qform_code 0, sform_code 1
+    raw[280:328] = np.zeros(12, "<f4").tobytes()  # srow_x/y/z all zero
+    nowhere.write_bytes(bytes(raw))
+    cases["no geometry"] = ([str(nowhere)], "places no voxel in space")
+    huge = tmp / "huge_flair.nii"
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_data_dtype(np.int16)
+    huge.write_bytes(header.binaryblock + b"\0" * 4 + b"\0" * 64)
+    cases["huge"] = ([str(huge)], "TUMORSEG_MAX_VOLUME_GB")
     twice = tmp / "twice"
     twice.mkdir()
     _save(flair, twice / "a_flair.nii.gz")
@@ -212,8 +221,8 @@ def _bad_cases(converted: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     return cases
 
 
-@pytest.mark.parametrize("case", ["4-D", "2-D", "not NIfTI", "truncated", "NaN", "grids", "affine", "two FLAIR",
-                                  "no FLAIR"])
+@pytest.mark.parametrize("case", ["4-D", "2-D", "not NIfTI", "truncated", "NaN", "far grid", "no geometry", "huge",
+                                  "two FLAIR", "no FLAIR"])
 def test_bad_nifti_input_gets_one_line_and_writes_nothing(converted, tmp_path, capsys, case):
     args, message = _bad_cases(converted, tmp_path)[case]
     out = tmp_path / "out"
@@ -224,16 +233,23 @@ def test_bad_nifti_input_gets_one_line_and_writes_nothing(converted, tmp_path, c
     assert not out.exists() or not any(p.is_dir() for p in out.iterdir())
 
 
-def test_a_label_on_another_grid_is_refused(converted, tmp_path):
+def test_a_label_on_another_grid_is_resampled_by_nearest_neighbour_or_refused(converted, tmp_path, caplog):
     seg = nib.load(str(converted / f"{PATIENT}_seg.nii.gz"))
+    truth = read_nifti_patient(find_sequences(converted)).label
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in converted.iterdir():
         if "seg" not in f.name:
             _save(nib.load(str(f)), bad / f.name)
-    _save(nib.Nifti1Image(np.asarray(seg.dataobj)[:, :-1], seg.affine), bad / f"{PATIENT}_seg.nii.gz")
+    # One column fewer: the same voxels, on a grid of another shape.
+    _save(nib.Nifti1Image(np.asarray(seg.dataobj)[:-1], seg.affine), bad / f"{PATIENT}_seg.nii.gz")
     with pytest.raises(DataError, match="label .* is on another grid"):
-        read_nifti_patient(find_sequences(bad))
+        read_nifti_patient(find_sequences(bad), resample=False)
+    patient = read_nifti_patient(find_sequences(bad))
+    assert patient.resampled == ("label",) and "label on another grid than FLAIR" in caplog.text
+    # Stored (column, row, slice): the last column is missing, the rest is the label voxel for voxel.
+    assert patient.label.dtype == bool
+    assert np.array_equal(patient.label[..., :-1], truth[..., :-1]) and not patient.label[..., -1].any()
 
 
 def _checkpoint(tmp_path: Path) -> Path:

@@ -21,10 +21,10 @@ def error_of(fn, *args) -> str:
     return str(info.value)
 
 
-def test_read_mask_thresholds_at_127(tmp_path):
+def test_read_mask_any_non_zero_pixel_is_tumour(tmp_path):
     path = tmp_path / "m_1_mask.tif"
-    Image.fromarray(np.array([[0, 127, 128, 255]], dtype=np.uint8)).save(path)
-    assert read_mask(path).tolist() == [[0, 0, 1, 1]]
+    Image.fromarray(np.array([[0, 1, 2, 127, 128, 255]], dtype=np.uint8)).save(path)
+    assert read_mask(path).tolist() == [[0, 1, 1, 1, 1, 1]]
 
 
 def test_read_mask_accepts_1_bit(tmp_path):

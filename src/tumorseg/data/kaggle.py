@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.data.slices import SLICE_RE, read_mask, read_volume
+from tumorseg.data.slices import SLICE_RE, check_not_folder, read_mask, read_volume, webp_hint
 from tumorseg.errors import DataError
 
 
@@ -68,11 +68,13 @@ def list_slices(patient_dir: str | Path, require_masks: bool = True) -> list[Sli
     """Slices of one patient folder ordered by slice number (numerically).
 
     Stray files (hidden files, .DS_Store, README.md, data.csv, anything not named
-    `<stem>_<n>.tif` / `<stem>_<n>_mask.tif`) are ignored.
+    `<stem>_<n>.tif` / `<stem>_<n>_mask.tif`) are ignored. Gaps in the slice numbers are
+    allowed: `slice_gaps([s.number for s in slices])` lists them and `read_patient` warns.
 
     Raises:
         DataError: empty folder, a mask without its image, an image without its mask
-            (when `require_masks`), or two files for the same slice number.
+            (when `require_masks`), two files for the same slice number, a folder named
+            like a slice, or `.webp` slices (not read).
     """
     patient_dir = Path(patient_dir)
     if not patient_dir.is_dir():
@@ -81,7 +83,10 @@ def list_slices(patient_dir: str | Path, require_masks: bool = True) -> list[Sli
     masks: dict[int, Path] = {}
     for p in patient_dir.iterdir():
         m = SLICE_RE.match(p.name)
-        if p.name.startswith(".") or not m or not p.is_file():
+        if p.name.startswith(".") or not m:
+            continue
+        check_not_folder(p)
+        if not p.is_file():
             continue
         num = int(m.group("num"))
         target = masks if m.group("mask") else images
@@ -89,9 +94,11 @@ def list_slices(patient_dir: str | Path, require_masks: bool = True) -> list[Sli
             raise DataError(f"{patient_dir}: two files for slice {num}: {target[num].name} and "
                             f"{p.name}; keep one")
         target[num] = p
+    orphans = sorted(set(masks) - set(images))
+    if (orphans or not images) and (hint := webp_hint(patient_dir)):
+        raise DataError(hint)
     if not images and not masks:
         raise DataError(f"{patient_dir} holds no slice files (<patient>_<n>.tif)")
-    orphans = sorted(set(masks) - set(images))
     if orphans:
         raise DataError(f"{masks[orphans[0]]}: mask without its image "
                         f"{masks[orphans[0]].name.replace('_mask', '')}; restore or delete it")
@@ -106,7 +113,8 @@ def list_slices(patient_dir: str | Path, require_masks: bool = True) -> list[Sli
 def read_patient(
     patient_dir: str | Path, require_masks: bool = True
 ) -> tuple[list[int], np.ndarray, np.ndarray | None]:
-    """Read all slices of a patient.
+    """Read all slices of a patient. Missing slice numbers are warned about (see
+    `slices.read_volume`) and show in the returned numbers (`slices.slice_gaps`).
 
     Returns:
         (slice numbers, images uint8 (S, H, W, 3), masks uint8 (S, H, W) or None when the

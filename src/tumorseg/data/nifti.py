@@ -12,7 +12,21 @@ or the same files named explicitly (`NiftiFiles`). T2 (`*_t2`, `*-t2w`) is not a
 the model and is ignored. A missing pre- or post-contrast sequence is filled with FLAIR,
 as kaggle_3m does for its missing sequences (the model is trained for that).
 
-Geometry. kaggle_3m's TIFFs carry no header; from the TCGA-LGG series they come from, and
+Geometry. The affine of each file (its sform, else its qform) must map the voxel
+indices (i, j, k) of the stored array to patient millimetres in the NIfTI RAS+ frame (x
+toward the patient's right, y anterior, z superior). It must describe the rows and the
+columns too, not only the slice axis: a volume stacked rows-first (array (row, column,
+slice)) but saved with a diagonal affine claims that its first axis runs left-right, and
+is read transposed. Which axis is
+the slice axis, and which way rows and columns run, matter (the model sees axial slices
+with the anterior at the top); the left-right convention matters little, as the model is
+trained with left-right flips. An affine that places no voxel (all zero, singular, not
+finite) or a file with sform_code = qform_code = 0 falls back to the diagonal affine of
+the header's pixdim (nibabel's `get_base_affine`), with a warning; when pixdim is
+unusable too the file is refused: set a valid sform or qform (e.g. copy them from the
+scanner's DICOM conversion with `fslcpgeom`, or `nibabel`'s `set_sform`).
+
+kaggle_3m's TIFFs carry no header; from the TCGA-LGG series they come from, and
 as DICOM viewers display axial slices, their layout is: axial slices, slice 1 the most
 inferior; row 0 anterior; columns running from the patient's right to the patient's
 left (radiological convention: the patient's right on the image's left). In nibabel's
@@ -21,6 +35,18 @@ array (slice, row, column). Every volume is reoriented to that layout (a permuta
 and flips of the voxel order, no interpolation) and the masks are written back in the
 input's own voxel order, with its affine and header. The model is trained with
 horizontal flips, so a left-right convention error costs little.
+
+Grids. T1 and T1c (and the label) on another grid than FLAIR are resampled onto the
+FLAIR grid through their affines (`resample.resample_to_grid`: linear for images,
+nearest neighbour for the label), with a warning naming them; this assumes one session
+in one scanner frame and does NOT correct motion between sequences. `resample=False`
+refuses them instead.
+
+Size. Before any voxel is read, the memory the pipeline will take for the patient
+(`pipeline_bytes`) is compared with a limit (MAX_VOLUME_BYTES, 4 GiB; the environment
+variable TUMORSEG_MAX_VOLUME_GB, in GiB, or `max_bytes` of `read_nifti_patient` change
+it), so that a header claiming 30000^3 voxels is refused by name instead of exhausting
+memory.
 
 In-plane scale. The TIFFs carry no spacing either: 256x256 slices of fields of view of
 about 220-260 mm, so TRAINING_SPACING = 0.94 mm per pixel is assumed. When a volume's
@@ -33,6 +59,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import re
 import zlib
 from collections.abc import Sequence
@@ -43,7 +70,8 @@ import numpy as np
 
 from tumorseg.config import CHANNELS
 from tumorseg.data.normalization import fill_missing_sequences
-from tumorseg.errors import DataError
+from tumorseg.data.resample import resample_to_grid
+from tumorseg.errors import ConfigError, DataError
 from tumorseg.fileio import atomic_write
 
 log = logging.getLogger("tumorseg")
@@ -167,13 +195,145 @@ class NiftiPatient:
     grid: Grid
     label: np.ndarray | None = None  # bool (S, H, W), model orientation
     filled: list[str] = field(default_factory=list)  # sequences filled with FLAIR
+    resampled: tuple[str, ...] = ()  # sequences (and "label") resampled onto the FLAIR grid
 
 
-def _load(path: Path):
-    """(nibabel image, float32 3-D data) of one NIfTI file.
+# ---------------------------------------------------------------------- reading
+
+MAX_VOLUME_BYTES = 4 * 2**30  # default limit on the memory one patient may take (pipeline_bytes)
+MAX_VOLUME_ENV = "TUMORSEG_MAX_VOLUME_GB"  # environment variable overriding it, in GiB
+MIN_COVERAGE = 0.5  # a resampled sequence must cover at least this fraction of the FLAIR grid
+
+
+def max_volume_bytes(max_bytes: int | None = None) -> int:
+    """The memory limit for one patient: `max_bytes` when given, else the environment
+    variable TUMORSEG_MAX_VOLUME_GB (GiB) when set, else MAX_VOLUME_BYTES (4 GiB).
 
     Raises:
-        DataError: not a NIfTI file, truncated, not 3-D, or NaN voxels.
+        ConfigError: TUMORSEG_MAX_VOLUME_GB is not a positive number.
+    """
+    if max_bytes is not None:
+        return int(max_bytes)
+    value = os.environ.get(MAX_VOLUME_ENV, "").strip()
+    if not value:
+        return MAX_VOLUME_BYTES
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = float("nan")
+    if not (np.isfinite(gb) and gb > 0):
+        raise ConfigError(f"{MAX_VOLUME_ENV} must be a positive number of GB, got {value!r}")
+    return int(gb * 2**30)
+
+
+def pipeline_bytes(flair_shape: Sequence[int], file_shapes: Sequence[Sequence[int]] = (),
+                   resampled: int = 0, inplane_scale: float = 1.0) -> int:
+    """About the bytes a patient takes from reading to probabilities, every copy counted:
+
+    - each file as float32 (FLAIR's shape, and `file_shapes` for the other files);
+    - float32 copies on the FLAIR grid of the `resampled` files on other grids;
+    - the volume (S, H, W, 3) float32, twice (stacked, then reoriented or filled);
+    - its copy at the training scale, `inplane_scale` times the voxels (S, H', W', 3),
+      and the normalised copy the model reads;
+    - the probabilities float32 and an ensemble's spread, at the training scale and on
+      the input grid.
+
+    Args:
+        flair_shape: (I, J, K) of FLAIR.
+        file_shapes: shapes of the other files read (T1, T1c, label).
+        resampled: how many of them are resampled onto the FLAIR grid.
+        inplane_scale: (H' * W') / (H * W) of the training-scale copy (1.0 when none).
+
+    Returns:
+        bytes, as a Python int (no overflow for any header).
+    """
+    n = int(np.prod([int(s) for s in flair_shape], dtype=object))
+    files = n + sum(int(np.prod([int(s) for s in shape], dtype=object)) for shape in file_shapes)
+    scaled = n if inplane_scale == 1.0 else int(n * float(inplane_scale))
+    return 4 * (files + resampled * n + 2 * 3 * n + 2 * 3 * scaled + 2 * scaled + 2 * n)
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why `affine` cannot place voxels in space ("all zero", "not finite", "singular"),
+    or None when it can."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        return "not finite"
+    m = a[:3, :3]
+    if not m.any():
+        return "all zero"
+    norms = np.sqrt((m**2).sum(axis=0))
+    if (norms == 0).any() or abs(np.linalg.det(m)) < 1e-6 * float(np.prod(norms)):
+        return "singular"
+    return None
+
+
+def _raw_header(img, path: Path):
+    """The header as stored (nibabel's load silently sets zero pixdim to 1)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            return type(img.header).from_fileobj(f, check=False)
+    except Exception:  # noqa: BLE001 (the header was read once already; fall back to it)
+        return img.header
+
+
+def usable_affine(img, path: Path) -> np.ndarray:
+    """The affine of a loaded NIfTI image that places its voxels: the sform when its code
+    is set and it is usable, else the qform likewise, else the diagonal affine of the
+    header's pixdim (as nibabel's `get_base_affine`) with a warning naming the file.
+
+    Raises:
+        DataError: no usable sform or qform, and pixdim zero, negative or not finite.
+    """
+    header = img.header
+    raw = _raw_header(img, path)
+    sform_code, qform_code = int(raw["sform_code"]), int(raw["qform_code"])
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    pixdim_ok = bool(np.isfinite(pixdim).all() and (pixdim > 0).all())
+    problems = []
+    if sform_code > 0:
+        affine = np.asarray(header.get_sform(), dtype=np.float64)
+        if (why := affine_problem(affine)) is None:
+            return affine
+        problems.append(f"sform {why}")
+    if qform_code > 0:
+        affine = np.asarray(header.get_qform(), dtype=np.float64) if pixdim_ok else np.zeros((4, 4))
+        if pixdim_ok and (why := affine_problem(affine)) is None:
+            if problems:
+                log.warning(f"{path}: {problems[0]}; using its qform")
+            return affine
+        problems.append("qform " + (why if pixdim_ok else "unusable (pixdim zero or not finite)"))
+    what = ", ".join(problems) if problems else "no orientation (sform_code = qform_code = 0)"
+    if not pixdim_ok:
+        shown = ", ".join(f"{v:g}" for v in pixdim)
+        raise DataError(f"{path}: the header places no voxel in space ({what}; pixdim {shown}); set a valid "
+                        "sform or qform (voxel i, j, k -> RAS mm), e.g. with nibabel's set_sform or fslcpgeom")
+    hdr = header.copy()
+    hdr.set_zooms(tuple(float(z) for z in pixdim) + tuple(hdr.get_zooms()[3:]))
+    affine = np.asarray(hdr.get_base_affine(), dtype=np.float64)
+    log.warning(f"{path}: {what}; using the voxel sizes of pixdim ({', '.join(f'{v:g}' for v in pixdim)} mm) "
+                "with the axes as stored (i toward the patient's left, j anterior, k superior); check the "
+                "orientation of the result, or set a valid sform/qform")
+    return affine
+
+
+@dataclass(eq=False)  # compared by identity
+class _File:
+    """One NIfTI file opened (header only): the image, its usable affine and 3-D shape."""
+
+    path: Path
+    img: object
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+
+
+def _open(path: Path) -> _File:
+    """Open a NIfTI file without reading its voxels.
+
+    Raises:
+        DataError: missing, not a NIfTI file, not 3-D, empty, or no usable geometry.
     """
     import nibabel as nib
 
@@ -181,73 +341,196 @@ def _load(path: Path):
         raise DataError(f"{path} does not exist")
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        shape = tuple(int(s) for s in img.shape)
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as e:
-        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: not a readable NIfTI file ({detail}); is it truncated or another format?") from e
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        what = "a 4-D series" if data.ndim == 4 else f"{data.ndim}-D"
-        raise DataError(f"{path} is {what} (shape {data.shape}); pass one 3-D volume per sequence"
-                        + (" (for single 2-D slices use .tif/.png)" if data.ndim == 2 else ""))
-    nans = int(np.isnan(data).sum())
-    if nans:
-        raise DataError(f"{path} has {nans} NaN voxels; replace them (e.g. with 0) before segmenting")
-    return img, data
+        raise DataError(f"{path}: not a readable NIfTI file ({_detail(e)}); is it truncated or another format?") from e
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        what = "a 4-D series" if len(shape) == 4 else f"{len(shape)}-D"
+        raise DataError(f"{path} is {what} (shape {shape}); pass one 3-D volume per sequence"
+                        + (" (for single 2-D slices use .tif/.png)" if len(shape) == 2 else ""))
+    if min(shape) < 1:
+        raise DataError(f"{path}: the header gives the empty shape {shape}; the file holds no volume")
+    return _File(path, img, usable_affine(img, path), (shape[0], shape[1], shape[2]))
 
 
-def _same_grid(a, b) -> bool:
-    return a.shape[:3] == b.shape[:3] and np.allclose(a.affine, b.affine, atol=1e-3)
+def _detail(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
 
-def read_nifti_patient(files: NiftiFiles, *, require_label: bool = False) -> NiftiPatient:
-    """Read a NIfTI patient into the model's layout (see the module docstring).
+def _read(f: _File) -> np.ndarray:
+    """The voxels of an opened file as float32 (I, J, K).
 
     Raises:
-        DataError: an unreadable file, sequences or a label on another grid than FLAIR,
-            or no label when `require_label`.
+        DataError: truncated or unreadable data, or NaN voxels.
     """
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+    import nibabel as nib
 
-    flair_img, flair = _load(files.flair)
-    to_model = ornt_transform(io_orientation(flair_img.affine), axcodes2ornt(MODEL_AXES))
-    zooms = flair_img.header.get_zooms()[:3]
+    try:
+        data = np.asarray(f.img.dataobj, dtype=np.float32)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as e:
+        raise DataError(f"{f.path}: not a readable NIfTI file ({_detail(e)}); is it truncated or another "
+                        "format?") from e
+    data = data.reshape(f.shape)
+    nans = int(np.isnan(data).sum())
+    if nans:
+        raise DataError(f"{f.path} has {nans} NaN voxels; replace them (e.g. with 0) before segmenting")
+    return data
+
+
+def _load(path: Path):
+    """(nibabel image, float32 3-D data) of one NIfTI file.
+
+    Raises:
+        DataError: not a NIfTI file, truncated, not 3-D, NaN voxels or no usable geometry.
+    """
+    f = _open(path)
+    return f.img, _read(f)
+
+
+def _same_grid(a: _File, b: _File) -> bool:
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)
+
+
+def _spacing(affine: np.ndarray, to_model: np.ndarray) -> tuple[float, float, float]:
+    """mm along the model's (slice, row, column): the lengths of the affine's columns."""
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     spacing = [0.0, 0.0, 0.0]
     for axis, (target, _) in enumerate(to_model):
         spacing[int(target)] = float(zooms[axis])
-    grid = Grid(shape=tuple(int(s) for s in flair.shape), affine=flair_img.affine, header=flair_img.header,
-                to_model=to_model, spacing=(spacing[0], spacing[1], spacing[2]))
-    channels, filled = [], []
-    for name, path in files.sequences().items():
-        if path is None:
+    return spacing[0], spacing[1], spacing[2]
+
+
+def _check_size(flair: _File, others: Sequence[_File], resampled: int, spacing: tuple[float, float, float],
+                max_bytes: int | None) -> None:
+    """Refuse a patient that would take more memory than the limit, before reading it.
+
+    Raises:
+        DataError: over the limit, naming the FLAIR file, the size and how to raise it.
+        ConfigError: TUMORSEG_MAX_VOLUME_GB is not a positive number.
+    """
+    limit = max_volume_bytes(max_bytes)
+    rows, cols = spacing[1], spacing[2]
+    scale = 1.0
+    if not all(1 / RESAMPLE_TOLERANCE <= s / TRAINING_SPACING <= RESAMPLE_TOLERANCE for s in (rows, cols)):
+        scale = (rows / TRAINING_SPACING) * (cols / TRAINING_SPACING)
+    need = pipeline_bytes(flair.shape, [f.shape for f in others], resampled, scale)
+    if need > limit:
+        shape = "x".join(str(s) for s in flair.shape)
+        raise DataError(f"{flair.path}: the header claims {shape} voxels, which would take about {need / 2**30:.1f} GB "
+                        f"to segment, over the limit of {limit / 2**30:g} GB; if this is the right file, raise the "
+                        f"limit with the environment variable {MAX_VOLUME_ENV}=<GB>")
+
+
+def _onto_flair(f: _File, data: np.ndarray, flair: _File, what: str, order: int) -> tuple[np.ndarray, float]:
+    """`data` of file `f` resampled onto the FLAIR grid, and the fraction of the FLAIR
+    grid it covers.
+
+    Raises:
+        DataError: it covers less than MIN_COVERAGE of the FLAIR grid.
+    """
+    if order == 0:
+        return resample_to_grid(data, f.affine, flair.shape, flair.affine, order=0), 1.0
+    out = resample_to_grid(data, f.affine, flair.shape, flair.affine, order=1, cval=np.nan)
+    outside = np.isnan(out)
+    covered = 1.0 - float(outside.mean())
+    if covered < MIN_COVERAGE:
+        raise DataError(f"{f.path.name} covers {covered:.0%} of the FLAIR grid of {flair.path.name} through their "
+                        f"affines; are they of one session? co-register {what} onto FLAIR first (e.g. with ANTs, "
+                        "FSL flirt or SimpleITK)")
+    out[outside] = 0.0
+    return out, covered
+
+
+def read_nifti_patient(files: NiftiFiles, *, require_label: bool = False, resample: bool = True,
+                       max_bytes: int | None = None) -> NiftiPatient:
+    """Read a NIfTI patient into the model's layout (see the module docstring).
+
+    Args:
+        files: the patient's files.
+        require_label: refuse a patient without a label (evaluation, training).
+        resample: resample sequences (linear) and a label (nearest neighbour) on another
+            grid than FLAIR onto the FLAIR grid through their affines, with a warning
+            (logger "tumorseg") and their names in `NiftiPatient.resampled`; this assumes
+            one scanner frame and does NOT correct motion between sequences. False
+            refuses them.
+        max_bytes: the memory limit for the patient (`pipeline_bytes`, checked from the
+            headers before any voxel is read); None: $TUMORSEG_MAX_VOLUME_GB (GiB) when
+            set, else MAX_VOLUME_BYTES (4 GiB).
+
+    Returns:
+        the patient: volume float32 (S, H, W, 3), label bool (S, H, W) or None, grid.
+
+    Raises:
+        DataError: an unreadable file or one without usable geometry, sequences or a label
+            on another grid than FLAIR (when not `resample`, or covering less than half of
+            it), a patient over the memory limit, or no label when `require_label`.
+        ConfigError: TUMORSEG_MAX_VOLUME_GB is not a positive number.
+    """
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    flair_file = _open(files.flair)
+    opened = {name: (flair_file if path == files.flair else _open(path))
+              for name, path in files.sequences().items() if path is not None}
+    label_file = _open(files.label) if files.label is not None else None
+    others = [f for f in opened.values() if f is not flair_file] + ([label_file] if label_file else [])
+    off_grid = [f for f in others if not _same_grid(f, flair_file)]
+    if off_grid and not resample:
+        f = off_grid[0]
+        if f is label_file:
+            raise DataError(f"label {f.path.name} is on another grid than {files.flair.name} (shape {f.shape} vs "
+                            f"{flair_file.shape} or different affines); resample it onto the FLAIR grid (nearest "
+                            "neighbour)")
+        raise DataError(f"{f.path.name} and {files.flair.name} are on different grids (shape {f.shape} vs "
+                        f"{flair_file.shape} or different affines); co-register or resample them onto the FLAIR grid "
+                        "first (e.g. with ANTs, FSL flirt or SimpleITK)")
+    to_model = ornt_transform(io_orientation(flair_file.affine), axcodes2ornt(MODEL_AXES))
+    spacing = _spacing(flair_file.affine, to_model)
+    _check_size(flair_file, others, len(off_grid), spacing, max_bytes)
+
+    flair = _read(flair_file)
+    grid = Grid(shape=flair_file.shape, affine=flair_file.affine, header=flair_file.img.header, to_model=to_model,
+                spacing=spacing)
+    channels, filled, resampled, partial = [], [], [], []
+    for name in files.sequences():
+        f = opened.get(name)
+        if f is None:
             channels.append(flair)
             filled.append(name)
             continue
-        img, data = (flair_img, flair) if path == files.flair else _load(path)
-        if not _same_grid(img, flair_img):
-            raise DataError(f"{path.name} and {files.flair.name} are on different grids (shape {img.shape[:3]} vs "
-                            f"{flair_img.shape[:3]} or different affines); co-register or resample them onto the "
-                            "FLAIR grid first (e.g. with ANTs, FSL flirt or SimpleITK)")
+        data = flair if f is flair_file else _read(f)
+        if f in off_grid:
+            data, covered = _onto_flair(f, data, flair_file, name, order=1)
+            resampled.append(name)
+            if covered < 0.99:
+                partial.append(f"{name} covers {covered:.0%}")
         channels.append(data)
-    volume = np.stack([apply_orientation(c, to_model) for c in channels], axis=-1).astype(np.float32)
+    volume = np.stack([apply_orientation(c, to_model) for c in channels], axis=-1).astype(np.float32, copy=False)
+    del channels
     volume, constant = fill_missing_sequences(volume)  # a sequence written as zeros by another tool
     filled += constant
     if filled:
         log.warning(f"{files.name}: no {' and no '.join(filled)} volume (or a constant one); filled with FLAIR, as "
                     "kaggle_3m does for missing sequences (the model is trained for this)")
     label = None
-    if files.label is not None:
-        img, data = _load(files.label)
-        if not _same_grid(img, flair_img):
-            raise DataError(f"label {files.label.name} is on another grid than {files.flair.name} (shape "
-                            f"{img.shape[:3]} vs {flair_img.shape[:3]} or different affines); resample it onto "
-                            "the FLAIR grid (nearest neighbour)")
-        label = apply_orientation(data, to_model) != 0
+    if label_file is not None:
+        data = _read(label_file) != 0  # any non-zero voxel is tumour, as for slice masks
+        if label_file in off_grid:
+            data, _ = _onto_flair(label_file, data, flair_file, "the label", order=0)
+            resampled.append("label")
+        label = apply_orientation(data, to_model).astype(bool, copy=False)
     elif require_label:
         raise DataError(f"{files.name}: no label file (*_seg.nii.gz or *_mask.nii.gz); evaluation needs one")
-    assert volume.shape[-1] == len(CHANNELS)
-    return NiftiPatient(name=files.name, volume=np.ascontiguousarray(volume), grid=grid, label=label, filled=filled)
+    if resampled:
+        log.warning(f"{files.name}: {', '.join(resampled)} on another grid than FLAIR ({files.flair.name}); "
+                    "resampled onto the FLAIR grid through the affines (linear; nearest neighbour for a label), "
+                    "which assumes one session in one scanner frame and does not correct motion between sequences"
+                    + (f" ({'; '.join(partial)} of the FLAIR grid, the rest set to 0)" if partial else ""))
+    if volume.shape[-1] != len(CHANNELS):
+        raise AssertionError(f"volume has {volume.shape[-1]} channels, expected {len(CHANNELS)}")
+    return NiftiPatient(name=files.name, volume=np.ascontiguousarray(volume), grid=grid, label=label, filled=filled,
+                        resampled=tuple(resampled))
 
 
 # ---------------------------------------------------------------------- in-plane scale

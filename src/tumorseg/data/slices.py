@@ -3,11 +3,17 @@ by the kaggle_3m data path and the prediction path, and the writers of mask PNGs
 
 Naming: a slice is `<stem>_<n>.<ext>` and its mask `<stem>_<n>_mask.<ext>`; slices are
 ordered by `n` numerically (2 before 10). Other names in a folder of slices are ordered
-naturally (digit runs compared as numbers).
+naturally (digit runs compared as numbers). Slice numbers missing between the first and
+the last (`slice_gaps`) are read as they are, without the missing slice, with a warning:
+the volume then has a step where the slice was lost.
+
+Masks: any non-zero pixel is tumour (kaggle_3m stores 0/255; other tools write 0/1 or a
+label map 0/1/2/...), the same rule as for NIfTI labels.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -20,6 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from tumorseg.data.normalization import fill_missing_sequences
 from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write
+
+log = logging.getLogger("tumorseg")
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 SLICE_RE = re.compile(r"^(?P<stem>.+?)_(?P<num>\d+)(?P<mask>_mask)?\.(?P<ext>tiff?|png)$", re.I)
@@ -37,6 +45,11 @@ def slice_number(path: Path) -> int | None:
     return int(m.group("num")) if m else None
 
 
+def slice_numbers(files: Sequence[Path]) -> list[int]:
+    """The slice numbers of the files named `<stem>_<n>.<ext>` among `files`."""
+    return [n for f in files if (n := slice_number(Path(f))) is not None]
+
+
 def slice_sort_key(path: Path) -> tuple:
     """Numeric order of slice numbers, then natural order of other names."""
     n = slice_number(path)
@@ -45,18 +58,78 @@ def slice_sort_key(path: Path) -> tuple:
     return (1, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)], path.name)
 
 
-def slice_images(folder: Path) -> list[Path]:
-    """The image slices of a folder in slice order: `.tif/.tiff/.png` files that are not
-    hidden and not masks or tumorseg outputs.
+def slice_gaps(numbers: Sequence[int]) -> list[int]:
+    """The slice numbers missing between the smallest and the largest of `numbers`, in
+    order: [11] for 1-10 and 12-20. Numbers before the first are not counted (a folder
+    may start at 0 or 1)."""
+    present = set(numbers)
+    if not present:
+        return []
+    return [n for n in range(min(present), max(present) + 1) if n not in present]
+
+
+def describe_numbers(numbers: Sequence[int], limit: int = 10) -> str:
+    """Numbers as runs, for messages: "11, 14-16" (at most `limit` runs, then "...")."""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    text = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:limit]]
+    return ", ".join(text) + (", ..." if len(runs) > limit else "")
+
+
+def warn_slice_gaps(folder: Path | str, numbers: Sequence[int]) -> list[int]:
+    """`slice_gaps(numbers)`, with a warning (logger "tumorseg") naming `folder` and the
+    missing numbers when there are any."""
+    gaps = slice_gaps(numbers)
+    if gaps:
+        log.warning(f"{folder}: slice number(s) {describe_numbers(gaps)} missing between {min(numbers)} and "
+                    f"{max(numbers)}; the volume is read without them (restore them for a gap-free volume)")
+    return gaps
+
+
+def check_not_folder(path: Path) -> None:
+    """Refuse a folder named like a slice (`<patient>_5.tif/`), which would otherwise be
+    skipped without a word.
 
     Raises:
-        DataError: two files with the same slice number (`_1` and `_01`), as kaggle.list_slices.
+        DataError: `path` is a folder.
     """
-    files = sorted((
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-        and not p.stem.lower().endswith(OUTPUT_SUFFIXES)
-    ), key=slice_sort_key)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder named like a slice image; a slice must be a file: move the image out "
+                        "of it (or rename the folder)")
+
+
+def webp_hint(folder: Path) -> str | None:
+    """A one-line explanation when `folder` holds `.webp` slices (which are not read), else None."""
+    webp = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".webp" and not p.name.startswith("."))
+    if not webp:
+        return None
+    return (f"{folder}: its slices are .webp images ({webp[0]}, ... {len(webp)} in all), which are not read; "
+            "convert the .webp slices to .tif/.png (a packed copy of kaggle_3m must be restored first)")
+
+
+def slice_images(folder: Path) -> list[Path]:
+    """The image slices of a folder in slice order: `.tif/.tiff/.png` files that are not
+    hidden and not masks or tumorseg outputs. Gaps in the slice numbers are not checked
+    here: `slice_gaps(slice_numbers(files))` lists them, and `read_volume` warns.
+
+    Raises:
+        DataError: two files with the same slice number (`_1` and `_01`), as kaggle.list_slices;
+            a folder named like a slice; only `.webp` slices (not read).
+    """
+    files = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES or p.stem.lower().endswith(OUTPUT_SUFFIXES):
+            continue
+        check_not_folder(p)
+        if p.is_file():
+            files.append(p)
+    files.sort(key=slice_sort_key)
+    if not files and (hint := webp_hint(folder)):
+        raise DataError(hint)
     seen: dict[int, Path] = {}
     for p in files:
         n = slice_number(p)
@@ -119,23 +192,27 @@ def _depth(mode: str) -> str:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask slice as uint8 (H, W) with values 0/1.
+    """Read a mask slice as uint8 (H, W) with values 0/1: any non-zero pixel is tumour.
 
-    Masks are stored 0/255 in kaggle_3m (> 127 is tumour); a slice whose values are only
-    0 and 1 is a 0/1 mask (1 is tumour), which other tools write.
+    kaggle_3m stores 0/255; other tools write 0/1 or label maps (0/1/2/...: every label is
+    tumour); all read the same. 8- or 16-bit grey, 1-bit and RGB masks are read (RGB: a
+    pixel is tumour when any channel is non-zero, so a grey mask saved as RGB and a
+    coloured label on black both read right).
 
     Raises:
-        DataError: unreadable file, not a single 8-bit channel.
+        DataError: unreadable file, or another pixel type (palette, float, with alpha).
     """
     path = Path(path)
     im = _open(path)
     if im.mode == "1":
         im = im.convert("L")
-    if im.mode != "L":
-        raise DataError(f"{path}: expected a single-channel 8-bit mask (0/255), got mode {im.mode}; "
-                        "save masks as 8-bit grey images, 0 for background and 255 for tumour")
-    arr = np.asarray(im, dtype=np.uint8)
-    return (arr > (0 if arr.max() <= 1 else 127)).astype(np.uint8)
+    if im.mode not in ("L", "RGB", "I") and not im.mode.startswith("I;16"):
+        raise DataError(f"{path}: expected a grey mask (8- or 16-bit, or RGB), got mode {im.mode}; save masks as "
+                        "8-bit grey images, 0 for background and 255 (any non-zero value) for tumour")
+    arr = np.asarray(im)
+    if arr.ndim == 3:
+        arr = arr.any(axis=2)
+    return (arr != 0).astype(np.uint8)
 
 
 def read_volume(files: Sequence[Path], name: str) -> np.ndarray:
@@ -144,11 +221,13 @@ def read_volume(files: Sequence[Path], name: str) -> np.ndarray:
     Single-channel slices are FLAIR alone (see `read_image`); a pre- or post-contrast
     sequence that is constant over a volume of several slices (missing, filled with zeros
     by another tool) is replaced by FLAIR (`normalization.fill_missing_sequences`). Both
-    with a warning naming the volume.
+    with a warning naming the volume. Slice numbers missing between the first and the last
+    (`slice_gaps`) are warned about (logger "tumorseg"), naming the folder.
 
     Raises:
         DataError: an unreadable slice, or slices of different sizes.
     """
+    warn_slice_gaps(Path(files[0]).parent if files else name, slice_numbers(files))
     slices: list[np.ndarray] = []
     grey = 0
     for f in files:

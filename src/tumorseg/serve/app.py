@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from tumorseg.config import ServeConfig
+from tumorseg.errors import ConfigError
 from tumorseg.inference import Predictor
 from tumorseg.serve.jobs import VIEW_FILES, Job, JobStore
 from tumorseg.serve.uploads import UploadError
@@ -127,6 +128,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, work_dir
     mimetypes.add_type("text/css", ".css")
     config = config or ServeConfig()
     if work_dir is not None:
+        if Path(work_dir).exists() and not Path(work_dir).is_dir():
+            raise ConfigError(f"--work-dir {work_dir} is a file, not a folder; pass a folder (created when missing)")
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     # A folder of our own, inside work_dir when given: only it is deleted at shutdown.
     root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-", dir=work_dir))
