@@ -113,7 +113,7 @@ class Series:
         return f'series "{self.description or "(no description)"}" (number {number})'
 
     def candidate_line(self) -> str:
-        return f'  "{self.description or "(no description)"}" number {self.number}: {self.uid}'
+        return f'"{self.description or "(no description)"}" number {self.number}: {self.uid}'
 
 
 def _float_list(value) -> list[float] | None:
@@ -353,15 +353,15 @@ def select_series(study: Mapping[str, Series], name: str,
         found = candidates[role]
         if len(found) > 1:
             option = OVERRIDE_OPTIONS[role]
-            raise DataError(f"{name}: {len(found)} candidate {role} series:\n"
-                            + "\n".join(s.candidate_line() for s in found)
-                            + f"\npick one with {option} UID (series={{'{role}': UID}})")
+            raise DataError(f"{name}: {len(found)} candidate {role} series: "
+                            + "; ".join(s.candidate_line() for s in found)
+                            + f"; pick one with {option} UID (series={{'{role}': UID}})")
         if found:
             chosen[role] = found[0]
     if "FLAIR" not in chosen:
-        listing = "\n".join(s.candidate_line() for s in study.values()) or "  (no MR image series)"
+        listing = "; ".join(s.candidate_line() for s in study.values()) or "(no MR image series)"
         raise DataError(f"{name}: no FLAIR series (recognised by FLAIR, T2-FLAIR, T2F, DARK FLUID or TIRM in the "
-                        f"series description); the series are:\n{listing}\nname the FLAIR with --flair-series UID")
+                        f"series description); the series are: {listing}; name the FLAIR with --flair-series UID")
     return chosen
 
 
