@@ -648,19 +648,15 @@ def read_session(study: Mapping[str, Series], name: str, *, series: Mapping[str,
                         source_index=source_index)
 
 
-def read_dicom_patients(path: str | Path, *, series: Mapping[str, str] | None = None,
-                        max_bytes: int = MAX_BYTES) -> list[DicomPatient]:
-    """The DICOM patients under `path` (a folder at any depth, a DICOMDIR or one file):
-    one per (PatientID, StudyInstanceUID) session that holds a FLAIR series, sorted by name.
-
-    Args:
-        series: {"FLAIR": uid, "T1": uid, "T1c": uid} (any subset): series picked by
-            SeriesInstanceUID instead of by description, in the session that holds them.
-        max_bytes: limit on the float32 voxels of the series read for one patient.
+def find_dicom_sessions(path: str | Path, *,
+                       series: Mapping[str, str] | None = None) -> list[tuple[str, dict[str, Series], dict[str, str]]]:
+    """The sessions under `path` without reading pixel data: (name, its series by UID, the
+    part of `series` that applies to it) per (PatientID, StudyInstanceUID), sorted by name;
+    `read_session(study, name, series=wanted)` reads one. For reading lazily, one patient
+    at a time.
 
     Raises:
-        DataError: no DICOM MR series, an override UID found nowhere, an unknown role,
-            or any error of `read_session` (without patient names or IDs).
+        DataError: no DICOM MR series, an override UID found nowhere, or an unknown role.
     """
     unknown = sorted(set(series or {}) - set(ROLES))
     if unknown:
@@ -673,13 +669,29 @@ def read_dicom_patients(path: str | Path, *, series: Mapping[str, str] | None = 
         if uid not in all_uids:
             raise DataError(f"no series with SeriesInstanceUID {uid} (given for {role}) under {path}")
     taken: set[str] = set()
-    patients = []
+    found = []
     for (_, study_uid), study in sorted(sessions.items(), key=lambda kv: kv[0][1]):
         name = _study_name(study_uid, taken)
         taken.add(name)
-        wanted = {r: u for r, u in (series or {}).items() if u in study}
-        patients.append(read_session(study, name, series=wanted, max_bytes=max_bytes))
-    return sorted(patients, key=lambda p: p.name)
+        found.append((name, study, {r: u for r, u in (series or {}).items() if u in study}))
+    return sorted(found, key=lambda f: f[0])
+
+
+def read_dicom_patients(path: str | Path, *, series: Mapping[str, str] | None = None,
+                        max_bytes: int = MAX_BYTES) -> list[DicomPatient]:
+    """The DICOM patients under `path` (a folder at any depth, a DICOMDIR or one file):
+    one per (PatientID, StudyInstanceUID) session, sorted by name.
+
+    Args:
+        series: {"FLAIR": uid, "T1": uid, "T1c": uid} (any subset): series picked by
+            SeriesInstanceUID instead of by description, in the session that holds them.
+        max_bytes: limit on the float32 voxels of the series read for one patient.
+
+    Raises:
+        DataError: see `find_dicom_sessions` and `read_session` (never naming the patient).
+    """
+    return [read_session(study, name, series=wanted, max_bytes=max_bytes)
+            for name, study, wanted in find_dicom_sessions(path, series=series)]
 
 
 # ---------------------------------------------------------------------- labels given as DICOM SEG
