@@ -98,8 +98,8 @@ def test_crossval_trains_every_fold_scores_out_of_fold_and_resumes(make_kaggle, 
 def test_a_model_of_another_split_or_config_is_refused(make_kaggle, tmp_path, monkeypatch):
     """A fold folder filled by `tumorseg train` with another split must never score the
     run's patients (it may have trained on them)."""
-    from tumorseg.training import fit
     from tumorseg.errors import TumorsegError
+    from tumorseg.training import fit
 
     monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "cache"))
     data = make_kaggle(patients=PATIENTS, strays=False)

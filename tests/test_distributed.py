@@ -21,13 +21,13 @@ from test_prediction import flair_predictor
 import tumorseg.training as training
 from tumorseg.checkpoint import load_checkpoint, load_model
 from tumorseg.cli import main
+from tumorseg.data.inputs import InputRef
 from tumorseg.distributed import World, shard_of
-from tumorseg.training import global_batches, resumed_step, stop_agreed
 from tumorseg.errors import ConfigError
 from tumorseg.losses import soft_dice_loss
-from tumorseg.data.inputs import InputRef
 from tumorseg.prediction import parse_shard, predict, shard_volumes
 from tumorseg.runtime import graceful_stop
+from tumorseg.training import global_batches, resumed_step, stop_agreed
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "ddp_train.py"
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))

@@ -425,7 +425,7 @@ def test_check_input_kinds_like_an_upload():
     assert check_input_kinds(["a_1.tif", "a_1_mask.tif", "a_2.png"]) == "slice"
     assert check_input_kinds(["p_flair.nii.gz", "p_t1.nii"]) == "nifti"
     assert check_input_kinds(["p.zip"]) == "zip"
-    assert "mix slice images and NIfTI volumes" in error_of(check_input_kinds, ["a_1.tif", "p_flair.nii.gz"])
+    assert "mix nifti and slice files" in error_of(check_input_kinds, ["a_1.tif", "p_flair.nii.gz"])
     assert "send a zip alone" in error_of(check_input_kinds, ["p.zip", "a_1.tif"])
     assert "no files" in error_of(check_input_kinds, [])
     assert error_of(check_input_kinds, ["a_1.tif", "a_2.webp"]).startswith("a_2.webp: the extension .webp is not read")

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tumorseg.data.inputs import InputRef, find_inputs
 from tumorseg.data.slices import slice_images
 from tumorseg.errors import DataError, TumorsegError
 from tumorseg.inference import Predictor
 from tumorseg.plots import overlay
-from tumorseg.data.inputs import InputRef, find_inputs
 from tumorseg.prediction import predict
 from tumorseg.writers import VolumeSummary
 

@@ -13,8 +13,8 @@ import torch
 from tumorseg.checkpoint import load_checkpoint
 from tumorseg.config import TrainConfig, preset, replace_config
 from tumorseg.data import prepare
-from tumorseg.training import fit, run_training
 from tumorseg.errors import TumorsegError
+from tumorseg.training import fit, run_training
 
 TINY = dict(
     n_features=4, depth=3, features=None, epochs=2, batch_size=4, folds=2, crop=16,
@@ -229,9 +229,9 @@ def test_validate_weights_the_chunk_losses_by_chunk_size_and_scores_each_patient
     from torch import nn
 
     from tumorseg.data.dataset import SliceArrays
-    from tumorseg.training import validate
     from tumorseg.inference import Predictor
     from tumorseg.losses import DiceLoss
+    from tumorseg.training import validate
 
     class Half(nn.Module):
         def __init__(self):
@@ -319,8 +319,8 @@ def test_validation_scores_each_patient_at_its_own_size(make_kaggle, tmp_path):
     from test_nifti import unet_predictor
 
     from tumorseg.data.dataset import load_arrays
-    from tumorseg.training import merge_validations, validate
     from tumorseg.losses import make_loss
+    from tumorseg.training import merge_validations, validate
 
     a = make_kaggle(name="a", patients={"PAT_A_1": 4}, size=(32, 32), strays=False)
     b = make_kaggle(name="b", patients={"PAT_B_1": 4}, size=(24, 16), strays=False, seed=1)

@@ -3,8 +3,10 @@
 Per input slice `<name>.tif`: `<out>/<volume>/<name>_pred.png` (0/255 mask) and, with
 overlay, `<name>_overlay.png`; per NIfTI patient `<out>/<name>/<name>_pred.nii.gz` (uint8
 0/1 with the input's affine, shape and header geometry) and, with overlay, a PNG per
-tumour slice; with probabilities, the probability map (`_prob.nii.gz` or `_prob.png`)
-and for an ensemble its spread across the models (`_prob_spread`).
+tumour slice; per DICOM patient the same NIfTI files on the FLAIR series' grid and
+`<name>_seg.dcm`, a DICOM Segmentation referencing the FLAIR series (`tumorseg.dicomseg`);
+with probabilities, the probability map (`_prob.nii.gz` or `_prob.png`) and for an
+ensemble its spread across the models (`_prob_spread`).
 
 `<out>/summary.csv` lists one row per volume (`SUMMARY_FIELDS`). A run adds its volumes'
 rows to an existing summary.csv (replacing the rows of volumes predicted again) and never
@@ -105,13 +107,26 @@ def write_nifti_result(out: Path, volume: InputVolume, result: PatientResult, *,
     return written
 
 
+def write_dicom_result(out: Path, volume: InputVolume, result: PatientResult, *, overlay: bool = False,
+                       probabilities: bool = False) -> list[Path]:
+    """The NIfTI outputs on the FLAIR series' grid and `<name>_seg.dcm`, a DICOM SEG of the
+    mask referencing the FLAIR series; the quality flag, where there is one, goes into the
+    SEG's series description and a sidecar JSON."""
+    from tumorseg.dicomseg import write_patient_seg
+
+    written = write_nifti_result(out, volume, result, overlay=overlay, probabilities=probabilities)
+    qc = {k: v for k, v in result.qc.items() if k in ("qc", "qc_score", "qc_reason")} or None
+    written.append(write_patient_seg(out / volume.name / f"{volume.name}_seg.dcm", volume.source, result.mask,
+                                     qc=qc))
+    return written
+
+
 def write_result(out: Path, volume: InputVolume, result: PatientResult, *, overlay: bool = False,
                  probabilities: bool = False) -> list[Path]:
     """Write one patient's outputs in the format of its input (slices -> PNG per slice,
-    NIfTI -> NIfTI); returns the files written."""
-    if volume.kind == "nifti":
-        return write_nifti_result(out, volume, result, overlay=overlay, probabilities=probabilities)
-    return write_slices(out, volume, result, overlay=overlay, probabilities=probabilities)
+    NIfTI -> NIfTI, DICOM -> NIfTI and DICOM SEG); returns the files written."""
+    write = {"nifti": write_nifti_result, "dicom": write_dicom_result}.get(volume.kind, write_slices)
+    return write(out, volume, result, overlay=overlay, probabilities=probabilities)
 
 
 # ---------------------------------------------------------------------- summary.csv

@@ -6,7 +6,7 @@ prediction, evaluation, conversion and the web app learn it at once.
     slice     .tif .tiff .png               kaggle_3m slices (`slices.py`)
     nifti     .nii .nii.gz                  volumes (`nifti.py`)
     zip       .zip                          a zipped patient folder (the web app)
-    dicom     .dcm, or no suffix and the    DICOM files (detected, see READ_KINDS)
+    dicom     .dcm, or no suffix and the    DICOM files (`dicom.py`)
               "DICM" marker at byte 128
 """
 
@@ -23,8 +23,8 @@ ZIP_SUFFIXES = (".zip",)
 DICOM_SUFFIXES = (".dcm",)
 KINDS = ("slice", "nifti", "zip", "dicom")
 # The kinds the readers of this package read; a kind is added here when its reader lands.
-READ_KINDS = ("slice", "nifti", "zip")
-SUPPORTED = ".tif/.tiff/.png slices, .nii/.nii.gz volumes, or a .zip of a patient folder"
+READ_KINDS = ("slice", "nifti", "zip", "dicom")
+SUPPORTED = ".tif/.tiff/.png slices, .nii/.nii.gz volumes, DICOM files, or a .zip of a patient folder"
 # Formats users bring that we do not read, and what to do with them.
 ADVICE = {
     ".webp": "convert the .webp slices to .tif/.png (a packed copy of kaggle_3m must be restored first)",
@@ -34,8 +34,7 @@ ADVICE = {
     ".mhd": "convert it to NIfTI (.nii.gz), e.g. with SimpleITK",
     ".nrrd": "convert it to NIfTI (.nii.gz), e.g. with SimpleITK or 3D Slicer",
     ".mgz": "convert it to NIfTI (.nii.gz), e.g. with FreeSurfer's mri_convert",
-    ".dcm": "convert the series to NIfTI (.nii.gz), e.g. with dcm2niix",
-    "": "give it its file extension (.tif/.png/.nii.gz)",
+    "": "give it its file extension (.tif/.png/.nii.gz/.dcm)",
 }
 
 
@@ -114,5 +113,5 @@ def check_input_kinds(names: Sequence[str | PurePath]) -> str:
     if "zip" in found and len(names) > 1:
         raise DataError("send a zip alone, one patient per upload")
     if len(found) > 1:
-        raise DataError("the files mix slice images and NIfTI volumes; send one patient in one format")
+        raise DataError(f"the files mix {' and '.join(sorted(found))} files; send one patient in one format")
     return found.pop()

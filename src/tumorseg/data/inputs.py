@@ -11,7 +11,10 @@ Inputs:
 - a NIfTI patient: a folder of .nii/.nii.gz sequences named by the common conventions, a
   folder of such folders, a FLAIR .nii/.nii.gz alone, or files named explicitly
   (`NiftiFiles`); reoriented and, when its in-plane spacing is far from the training
-  data's, resampled for the model (see `data.nifti`).
+  data's, resampled for the model (see `data.nifti`);
+- DICOM: a folder (any depth, a DICOMDIR export too) of DICOM files: one patient per
+  study, its FLAIR, T1 and T1c series chosen by their descriptions (or by `series`
+  overrides), see `data.dicom`.
 
 `find_inputs` groups paths into `InputRef`s without reading pixels; `InputRef.read()`
 reads one patient into an `InputVolume`. A new input format is added here (and in its
@@ -28,18 +31,19 @@ from typing import Any
 
 import numpy as np
 
+from tumorseg.data.dicom import find_dicom_sessions, is_dicom_input, read_session
+from tumorseg.data.formats import check_input_file, input_kind
 from tumorseg.data.kaggle import find_patient_dirs, list_slices
 from tumorseg.data.nifti import (
     Grid,
     NiftiFiles,
     find_sequences,
-    is_nifti,
     is_nifti_patient,
     patient_name,
     read_nifti_patient,
     to_training_scale,
 )
-from tumorseg.data.slices import IMAGE_SUFFIXES, read_mask, read_volume, slice_images
+from tumorseg.data.slices import read_mask, read_volume, slice_images
 from tumorseg.errors import DataError
 
 
@@ -52,7 +56,7 @@ class InputVolume:
     resampled to the model's scale (probabilities are brought back to it)."""
 
     name: str
-    kind: str  # "slices" or "nifti"
+    kind: str  # "slices", "nifti" or "dicom"
     images: np.ndarray  # (S, H, W, 3) in CHANNELS order, model orientation: uint8 slices or float intensities
     files: list[Path]  # the slice images, or the NIfTI files read
     grid: Grid | None = None  # NIfTI geometry of the outputs; None for slice images
@@ -60,6 +64,7 @@ class InputVolume:
     notes: list[str] = field(default_factory=list)  # what a user should know (filled sequences, ...)
     identity: dict[str, Any] = field(default_factory=dict)  # source identifiers a writer must reference
     label: np.ndarray | None = None  # bool (S, H, W) on the output grid, when read with `labels`
+    source: Any = None  # the reader's record of the source: a `DicomPatient` (series, headers) for DICOM
 
     @property
     def spacing(self) -> tuple[float, float, float] | None:
@@ -76,9 +81,10 @@ class InputRef:
     """One patient found among the inputs, not read yet."""
 
     name: str
-    kind: str  # "slices" or "nifti"
+    kind: str  # "slices", "nifti" or "dicom"
     files: list[Path] = field(default_factory=list)  # slice images
     nifti: NiftiFiles | None = None
+    dicom: tuple[Any, dict[str, str]] | None = None  # (the study's series, the series chosen by UID)
 
     def read(self, labels: bool = False) -> InputVolume:
         """Read the patient (see `InputVolume`); with `labels`, its label too where it has
@@ -87,6 +93,13 @@ class InputRef:
         Raises:
             DataError: unreadable or inconsistent files, naming the file.
         """
+        if self.kind == "dicom":
+            assert self.dicom is not None
+            study, wanted = self.dicom
+            patient = read_session(study, self.name, series=wanted)
+            images, native = to_training_scale(patient)
+            notes = [patient.summary()] + ([f"{', '.join(patient.filled)} filled with FLAIR"] if patient.filled else [])
+            return InputVolume(patient.name, "dicom", images, [], patient.grid, native, notes, source=patient)
         if self.kind == "nifti":
             assert self.nifti is not None
             files = self.nifti if labels else dataclasses.replace(self.nifti, label=None)
@@ -117,26 +130,32 @@ def nifti_ref(files: NiftiFiles) -> InputRef:
     return InputRef(files.name, "nifti", [], files)
 
 
-def find_inputs(inputs: Sequence[str | Path]) -> list[InputRef]:
+def find_inputs(inputs: Sequence[str | Path], *, dicom_series: dict[str, str] | None = None) -> list[InputRef]:
     """Group the inputs into patients (see the module docstring), without reading pixels.
+    `dicom_series` ({"FLAIR": uid, "T1": uid, "T1c": uid}, any subset) overrides the
+    choice of DICOM series by description.
 
     Raises:
-        DataError: a path that does not exist, a folder without slices, a file that is
-            not a .tif/.png slice or a NIfTI volume, or two inputs of one name.
+        DataError: a path that does not exist, a folder without slices, a file of a
+            format that is not read, or two inputs of one name.
     """
     refs: list[InputRef] = []
     for raw in inputs:
         path = Path(raw)
         if not path.exists():
             raise DataError(f"{path} does not exist; pass a patient folder, a folder of slices or .tif/.png files")
-        if path.is_file():
-            if is_nifti(path):  # one volume given alone: FLAIR
+        if path.is_file() and input_kind(path) != "dicom":
+            kind = check_input_file(path)
+            if kind == "nifti":  # one volume given alone: FLAIR
                 refs.append(nifti_ref(NiftiFiles(patient_name(path), flair=path)))
                 continue
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DataError(f"{path}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii "
-                                "or .nii.gz")
+            if kind != "slice":
+                raise DataError(f"{path}: a {kind} file is not read here; unpack it and pass the folder")
             refs.append(InputRef(path.stem, "slices", [path]))
+            continue
+        if is_dicom_input(path):
+            refs.extend(InputRef(name, "dicom", dicom=(study, dict(wanted)))
+                        for name, study, wanted in find_dicom_sessions(path, series=dicom_series))
             continue
         if is_nifti_patient(path):
             refs.append(nifti_ref(find_sequences(path)))

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from tumorseg.config import CHANNELS, ServeConfig
+from tumorseg.data.dicom import find_dicom_sessions
 from tumorseg.data.inputs import find_inputs
 from tumorseg.data.nifti import (
     DEFAULT_SPACING,
@@ -84,7 +85,7 @@ class Job:
 class PatientInput:
     """An upload checked and laid out as one patient folder."""
 
-    kind: str  # "nifti" or "slice"
+    kind: str  # "nifti", "slice" or "dicom"
     folder: Path
     name: str
 
@@ -197,7 +198,11 @@ class JobStore:
             suffix = ".nii.gz" if names[0].lower().endswith(".gz") else ".nii"
             (folder / names[0]).replace(folder / f"{patient}_flair{suffix}")
         try:
-            if kind == "nifti":
+            if kind == "dicom":
+                sessions = find_dicom_sessions(folder)
+                if len(sessions) != 1:
+                    raise DataError(f"the upload holds {len(sessions)} studies; send one patient's study per upload")
+            elif kind == "nifti":
                 read_nifti_patient(find_sequences(folder))
             else:
                 files = slice_images(folder)
@@ -230,12 +235,12 @@ class JobStore:
                                        progress=progress, labels=True)
             job.stage, job.progress = "preparing the viewer", 0.95
             view = job.folder / "view"
-            details = _nifti_view(done, view) if patient.kind == "nifti" else _slice_view(done, out, view)
+            details = _slice_view(done, out, view) if patient.kind == "slice" else _grid_view(done, view)
             job.download = details.pop("download_path")
             summary, mask = done.summary, done.result.mask
             per_slice = mask.reshape(len(mask), -1).sum(1)
             job.result = {
-                "name": patient.name, "input": "nifti" if patient.kind == "nifti" else "slices",
+                "name": patient.name, "input": {"slice": "slices"}.get(patient.kind, patient.kind),
                 "slices": summary.slices, "tumour_slices": summary.tumour_slices,
                 "tumour_pixels": summary.tumour_pixels,
                 "volume_ml": summary.volume_ml, "removed_pixels": summary.removed_pixels,
@@ -282,8 +287,8 @@ def _dice(done: Predicted) -> float | None:
     return score_patient(done.volume.name, done.result.mask, label, surface=False).dice if label is not None else None
 
 
-def _nifti_view(done: Predicted, view: Path) -> dict[str, Any]:
-    """Viewer volumes of a NIfTI patient on its own grid, reoriented to the closest
+def _grid_view(done: Predicted, view: Path) -> dict[str, Any]:
+    """Viewer volumes of a NIfTI or DICOM patient on its own grid, reoriented to the closest
     canonical (RAS) voxel order so that voxel axis 2 runs from the feet to the head as the
     model's slices do; Dice against its label on that grid."""
     import nibabel as nib
@@ -302,7 +307,9 @@ def _nifti_view(done: Predicted, view: Path) -> dict[str, Any]:
         img = nib.as_closest_canonical(nib.Nifti1Image(to_input_order(array, grid), grid.affine))
         img.header.set_xyzt_units("mm")
         nib.save(img, str(view / name))
-    pred = next(f for f in done.files if f.name.endswith("_pred.nii.gz"))
+    # The download: the DICOM SEG of a DICOM input, the NIfTI mask of a NIfTI input.
+    pred = next((f for f in done.files if f.name.endswith("_seg.dcm")), None) or \
+        next(f for f in done.files if f.name.endswith("_pred.nii.gz"))
     return {"has_label": volume.label is not None, "dice": _dice(done), "download_path": pred,
             "download_name": pred.name}
 

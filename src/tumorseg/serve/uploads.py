@@ -6,7 +6,9 @@ An upload is one of:
   `_mask.tif`, or NIfTI sequences);
 - slice files (.tif/.tiff/.png), masks `<name>_mask.<ext>` among them;
 - NIfTI files (.nii/.nii.gz): FLAIR, optionally T1/T1c and a label, named by the
-  conventions of `data.nifti`.
+  conventions of `data.nifti`;
+- DICOM files of one study (.dcm, or without a suffix), or a zip of them: its FLAIR,
+  T1 and T1c series are chosen by `data.dicom`.
 
 Every file lands flat in one folder of the job (`<job>/input/<patient>/<basename>`): no
 name from the client or from a zip is ever joined to a path as it is. A zip entry that is
@@ -25,8 +27,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from tumorseg.data.formats import check_input_kinds, input_kind
 from tumorseg.data.nifti import is_nifti, patient_name
-from tumorseg.data.slices import IMAGE_SUFFIXES, SLICE_RE
+from tumorseg.data.slices import SLICE_RE
+from tumorseg.errors import DataError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ ()+-]{0,199}$")
 FLAIR_NAME = re.compile(r"[_-](flair|t2f)\.nii(\.gz)?$", flags=re.IGNORECASE)
@@ -61,15 +65,8 @@ def safe_name(name: str | None) -> str:
 
 
 def kind_of(name: str) -> str:
-    """'nifti', 'slice', 'zip' or '' (anything else)."""
-    lower = name.lower()
-    if is_nifti(lower):
-        return "nifti"
-    if lower.endswith(".zip"):
-        return "zip"
-    if PurePosixPath(lower).suffix in IMAGE_SUFFIXES:
-        return "slice"
-    return ""
+    """'nifti', 'slice', 'zip', 'dicom' or '' (anything else): `data.formats.input_kind`."""
+    return input_kind(name)
 
 
 def patient_folder_name(names: list[str], fallback: str = "patient") -> str:
@@ -89,24 +86,19 @@ def _clean(name: str, fallback: str) -> str:
 
 
 def check_kinds(names: list[str]) -> str:
-    """The kind of a set of uploaded files: 'zip' (one zip alone), 'nifti' or 'slice'.
+    """The kind of a set of uploaded files: 'zip' (one zip alone), 'nifti', 'slice' or
+    'dicom' (`data.formats.check_input_kinds`).
 
     Raises:
         UploadError (422): no files, unsupported files, or kinds mixed.
     """
     if not names:
-        raise UploadError(422, "no files uploaded; send a zip of a patient folder, slice images or NIfTI files")
-    kinds = {n: kind_of(n) for n in names}
-    other = [n for n, k in kinds.items() if not k]
-    if other:
-        raise UploadError(422, f"{other[0]}: not a supported file; send a .zip of a patient folder, .tif/.png slices "
-                               "or .nii/.nii.gz volumes")
-    found = set(kinds.values())
-    if "zip" in found and len(names) > 1:
-        raise UploadError(422, "send a zip alone, one patient per upload")
-    if len(found) > 1:
-        raise UploadError(422, "the upload mixes slice images and NIfTI volumes; send one patient in one format")
-    return found.pop()
+        raise UploadError(422, "no files uploaded; send a zip of a patient folder, slice images, NIfTI volumes or "
+                               "DICOM files")
+    try:
+        return check_input_kinds(names)
+    except DataError as e:
+        raise UploadError(422, str(e)) from None
 
 
 def check_decoded_size(folder: Path, names: list[str], kind: str, limit: int) -> None:
@@ -120,6 +112,8 @@ def check_decoded_size(folder: Path, names: list[str], kind: str, limit: int) ->
     total = 0
     for name in names:
         try:
+            if kind == "dicom":
+                continue  # the reader checks its memory from the headers before any pixel is read
             if kind == "nifti":
                 import nibabel as nib
 
@@ -172,7 +166,7 @@ def unpack_zip(archive: Path, dest: Path, limits: Limits) -> list[str]:
                                        "accepted")
             if info.is_dir() or not parts or parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
                 continue
-            if kind_of(parts[-1]) in ("", "zip"):
+            if kind_of(parts[-1]) in ("", "zip") and not _dicom_entry(zf, info):
                 continue  # README, data.csv and other strays, as in a kaggle_3m folder
             name = safe_name(parts[-1])
             folders.add("/".join(parts[:-1]))
@@ -203,3 +197,15 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budge
         raise UploadError(422, f"{archive}: entry {info.filename!r} cannot be unpacked ({e})") from None
     return budget
 
+
+def _dicom_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
+    """An entry without a suffix that holds a DICOM file (the "DICM" marker at byte 128):
+    exports from scanners often name their files so."""
+    if "." in PurePosixPath(info.filename).name or info.file_size < 132:
+        return False
+    try:
+        with zf.open(info) as f:
+            head = f.read(132)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError):
+        return False
+    return head[128:132] == b"DICM"
