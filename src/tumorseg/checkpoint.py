@@ -46,6 +46,7 @@ from tumorseg.config import CHANNELS, NORM_PERCENTILES, InferenceConfig, ModelCo
 from tumorseg.errors import CheckpointError, TumorsegError
 from tumorseg.fileio import atomic_write
 from tumorseg.model import Ensemble, UNet
+from tumorseg.version import __version__
 
 FORMAT = "tumorseg-checkpoint"
 FORMAT_VERSION = 2
@@ -121,8 +122,6 @@ class Checkpoint:
         return dataclasses.replace(self, training=None, inference=inf)
 
     def to_payload(self) -> dict[str, Any]:
-        from tumorseg import __version__
-
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

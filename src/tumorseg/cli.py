@@ -106,16 +106,7 @@ def _nifti_files(a: argparse.Namespace):
                       post=Path(a.t1c) if a.t1c else None, label=Path(mask) if mask else None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tumorseg import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="tumorseg",
-        description="Brain-tumour segmentation in MRI (TCGA-LGG kaggle_3m) with a U-Net.",
-    )
-    parser.add_argument("--version", action="version", version=f"tumorseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _parser_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="decode a kaggle_3m or NIfTI folder into a cache (run once)",
                        description="Decode the TIFFs of a kaggle_3m folder (or the volumes of a folder of NIfTI "
                                    "patients) once into a cache of raw arrays with per-patient normalisation "
@@ -126,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "/<name>-<hash of the path>)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
+
+def _parser_train(sub) -> None:
     p = sub.add_parser("train", help="train a U-Net",
                        description="Train a U-Net on one fold of a patient-level split. Settings "
                                    "come from the preset, then --config, then the options below.")
@@ -145,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_config_args(p)
     _add_inference_args(p, "0.5, none; validation only, recorded in the checkpoints")
 
+
+def _parser_crossval(sub) -> None:
     p = sub.add_parser("crossval", help="train every fold, score every patient out of fold, choose post-processing",
                        description="Train every fold of one patient split into RUN/fold_<k>, score each patient "
                                    "with the fold model that never saw it, and choose the threshold and "
@@ -163,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
     _add_train_config_args(p)
 
+
+def _parser_export(sub) -> None:
     p = sub.add_parser("export", help="one file to ship: a fold ensemble, a release copy, or an ONNX/OpenVINO model",
                        description="Write the fold models of a `tumorseg crossval` run as one ensemble (with the "
                                    "threshold and post-processing chosen out of fold), or a checkpoint without "
@@ -190,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
 
+
+def _parser_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="per-patient scores and a report on labelled data",
                        description="Score a model on labelled patients: per-patient Dice, IoU, "
                                    "precision, recall, HD95 (in mm too for NIfTI data or with --spacing); "
@@ -209,14 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "headers (default: the headers' for NIfTI, none for kaggle_3m: HD95 in pixels only)")
     _add_common_model_args(p)
 
+
+def _parser_predict(sub) -> None:
     p = sub.add_parser("predict", help="tumour masks for new images (no masks needed)",
                        description="Predict masks for patient folders, folders of slices or single "
-                                   ".tif/.png slices, and NIfTI patients (a folder of sequences, a FLAIR file, or "
-                                   "--flair/--t1/--t1c). A folder is normalised as one volume; a single slice with "
-                                   "its own percentiles.")
+                                   ".tif/.png slices, NIfTI patients (a folder of sequences, a FLAIR file, or "
+                                   "--flair/--t1/--t1c) and DICOM studies (a folder of DICOM files: a NIfTI mask "
+                                   "and a DICOM SEG per study). A folder is normalised as one volume; a single "
+                                   "slice with its own percentiles.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="patient folder (kaggle_3m slices or NIfTI files), folder of slices or of patients, slice "
-                        "files, or a FLAIR .nii/.nii.gz")
+                   help="patient folder (kaggle_3m slices, NIfTI files or DICOM files), folder of slices or of "
+                        "patients, slice files, or a FLAIR .nii/.nii.gz")
     _add_nifti_file_args(p, "predict")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write the probability map (NIfTI, or PNG per slice), and for an ensemble the "
@@ -225,18 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write an overlay PNG per slice (default: off)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help=f"slices per forward pass (default: {BATCH_SIZE})")
+    _add_input_args(p)
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="predict only the K-th of N disjoint parts of the inputs (K from 0; for job arrays), with "
                         "its rows in OUT/summary.shard-K-of-N.csv; join them with `tumorseg merge OUT` "
                         "(default: all inputs)")
     _add_common_model_args(p)
 
+
+def _parser_merge(sub) -> None:
     p = sub.add_parser("merge", help="join the summaries of sharded predict runs (predict --shard K/N)",
                        description="Merge OUT/summary.shard-K-of-N.csv, written by `tumorseg predict --shard K/N`, "
                                    "into OUT/summary.csv (rows by volume; existing rows are kept), and say which "
                                    "shards are missing.")
     p.add_argument("out", metavar="OUT", help="the --out folder of the sharded predict runs")
 
+
+def _parser_convert(sub) -> None:
     p = sub.add_parser("convert", help="kaggle_3m patients to NIfTI (for ITK-SNAP, 3D Slicer, nibabel), or back",
                        description="Write each kaggle_3m patient folder as NIfTI volumes OUT/<patient>/<patient>_"
                                    "{t1,flair,t1ce,seg}.nii.gz: the TIFF values unchanged (uint8), the mask as 0/1, "
@@ -248,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (required)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="to NIfTI: mm between slices, rows and columns (default: 1.0 0.94 0.94, an assumption)")
+
+
+def _parser_serve(sub) -> None:
     p = sub.add_parser("serve", help="a local web app: upload a patient, see the mask over the slices",
                        description="Serve a web page (and a JSON API, documented at /docs) that segments an uploaded "
                                    "patient with one model loaded once, and shows the slices with the mask over them "
@@ -261,6 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the jobs' files go: a new subfolder of it, deleted at shutdown (default: the "
                         "system's temporary folder)")
     _add_common_model_args(p)
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """--flair-series/--t1-series/--t1c-series (DICOM) and --no-resample (NIfTI)."""
+    for role, option in SERIES_OPTIONS.items():
+        p.add_argument(f"--{option}", default=None, metavar="UID",
+                       help=f"DICOM: the SeriesInstanceUID of the {role} series, where the series descriptions "
+                            "are ambiguous (default: chosen by SeriesDescription/ProtocolName)")
+    p.add_argument("--no-resample", action="store_true",
+                   help="refuse T1/T1c on another grid than the FLAIR's instead of resampling them onto it "
+                        "(default: resample, linear, through the affines; motion between sequences is not corrected)")
+
+
+SERIES_OPTIONS = {"FLAIR": "flair-series", "T1": "t1-series", "T1c": "t1c-series"}
+
+
+def _dicom_series(a: argparse.Namespace) -> dict[str, str] | None:
+    chosen = {role: getattr(a, option.replace("-", "_")) for role, option in SERIES_OPTIONS.items()}
+    return {k: v for k, v in chosen.items() if v} or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tumorseg.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tumorseg",
+        description="Brain-tumour segmentation in MRI (TCGA-LGG kaggle_3m) with a U-Net.",
+    )
+    parser.add_argument("--version", action="version", version=f"tumorseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_parser_prepare, _parser_train, _parser_crossval, _parser_export, _parser_evaluate,
+                _parser_predict, _parser_merge, _parser_convert, _parser_serve):
+        add(sub)
     return parser
 
 
@@ -454,7 +497,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
                         postprocess=a.postprocess, overlay=a.overlay, tta=a.tta, precision=a.precision,
                         device=a.device, engine=a.engine, batch_size=a.batch_size, show_progress=not a.no_progress,
                         save_probabilities=a.save_probabilities, nifti=nifti,
-                        shard=parse_shard(a.shard) if a.shard else None)
+                        shard=parse_shard(a.shard) if a.shard else None, dicom_series=_dicom_series(a),
+                        resample=not a.no_resample)
     if not summaries:
         print(f"nothing in this shard ({a.shard}); its empty table is in {a.out}/")
         return 0

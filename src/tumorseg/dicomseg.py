@@ -21,6 +21,7 @@ import numpy as np
 from tumorseg.data.dicom import DicomPatient
 from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write, atomic_write_text
+from tumorseg.version import __version__
 
 SERIES_DESCRIPTION = "tumorseg FLAIR abnormality"
 SEGMENT_LABEL = "FLAIR abnormality"
@@ -56,8 +57,6 @@ def write_dicom_seg(path: str | Path, mask: np.ndarray, source_datasets: Sequenc
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
-
-    from tumorseg import __version__
 
     sources = list(source_datasets)
     if not sources:

@@ -198,7 +198,7 @@ def write_report(out_dir: str | Path, header: dict[str, Any], scored: list[Score
     """Write report.json (`header`, the summary, the per-patient records and `sections`),
     per_patient.csv and, with `plots`, dice_distribution.png and examples.png; returns the
     report dictionary."""
-    from tumorseg.plots import plot_dice_distribution, plot_examples
+    from tumorseg.plots import plot_dice_distribution, plot_examples  # matplotlib: loaded when a plot is drawn
 
     scores = [p.scores for p in scored]
     summary = summarize(scored)

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from tumorseg.errors import TumorsegError
+
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write(f)` on a temporary binary file next to `path`, then move it into place.
@@ -44,8 +46,6 @@ def check_output_dir(path: str | os.PathLike[str]) -> Path:
     Raises:
         TumorsegError: the path is a file, lies under a file, or cannot be written.
     """
-    from tumorseg.errors import TumorsegError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TumorsegError(f"output {path} is a file; pass a folder to --out")
@@ -66,8 +66,6 @@ def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
     Raises:
         TumorsegError: the path is a file, or the folder cannot be created or written.
     """
-    from tumorseg.errors import TumorsegError
-
     path = check_output_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

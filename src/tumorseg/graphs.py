@@ -44,6 +44,7 @@ from tumorseg.config import InferenceConfig
 from tumorseg.errors import CheckpointError, ConfigError
 from tumorseg.fileio import atomic_write
 from tumorseg.model import Block
+from tumorseg.version import __version__
 
 log = logging.getLogger("tumorseg")
 
@@ -80,8 +81,6 @@ class GraphInfo:
     weights: str = ""  # checkpoint.weights_digest of the models it was made from ("": not recorded)
 
     def to_json(self) -> str:
-        from tumorseg import __version__
-
         return json.dumps({
             "format": GRAPH_FORMAT, "format_version": GRAPH_VERSION, "tumorseg_version": __version__,
             "channels": list(self.channels),

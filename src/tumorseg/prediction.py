@@ -87,6 +87,8 @@ def predict(
     nifti: NiftiFiles | None = None,
     progress: Progress | None = None,
     shard: tuple[int, int] | None = None,
+    dicom_series: dict[str, str] | None = None,
+    resample: bool = True,
 ) -> list[VolumeSummary]:
     """Predict tumour masks for `inputs` (and the NIfTI patient `nifti`, given by its
     files) and write them under `out_dir`; `save_probabilities` also writes the
@@ -97,15 +99,17 @@ def predict(
 
     The model is `predictor`, or `Predictor.from_checkpoints(checkpoint, ...)` (None: the
     shipped model) with threshold/postprocess/tta overriding its stored settings.
+    `dicom_series` and `resample` choose DICOM series and how sequences on other grids
+    are handled (`data.inputs.find_inputs`).
 
     Raises:
         TumorsegError: bad inputs, settings or checkpoint, or an unusable out_dir; checked
             before any prediction runs.
     """
     check_model_arguments(predictor, checkpoint=checkpoint, threshold=threshold, postprocess=postprocess, tta=tta)
-    refs = find_inputs(inputs)
+    refs = find_inputs(inputs, dicom_series=dicom_series, resample=resample)
     if nifti is not None:
-        refs.append(nifti_ref(nifti))
+        refs.append(nifti_ref(nifti, resample))
     if not refs:
         raise DataError("nothing to predict: pass INPUT paths or --flair")
     summary_name = "summary.csv"

@@ -465,7 +465,7 @@ def _run_epoch(run: _Session, show_progress: bool, on_step: Callable[[EpochProgr
     """Train and validate one epoch, step the schedule, and save (rank 0): best.pt when
     validation improved, then last.pt, metrics.csv and the curves. Returns (the epoch's
     row, whether it improved)."""
-    from tumorseg.plots import plot_training_curves
+    from tumorseg.plots import plot_training_curves  # matplotlib: loaded when a plot is drawn
 
     cfg, progress = run.cfg, run.progress
     train_loss = train_one_epoch(run.trained, run.train, cfg, run.optimizer, run.train_loss_fn, run.device,

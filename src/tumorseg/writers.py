@@ -112,7 +112,7 @@ def write_dicom_result(out: Path, volume: InputVolume, result: PatientResult, *,
     """The NIfTI outputs on the FLAIR series' grid and `<name>_seg.dcm`, a DICOM SEG of the
     mask referencing the FLAIR series; the quality flag, where there is one, goes into the
     SEG's series description and a sidecar JSON."""
-    from tumorseg.dicomseg import write_patient_seg
+    from tumorseg.dicomseg import write_patient_seg  # highdicom: loaded for DICOM input only
 
     written = write_nifti_result(out, volume, result, overlay=overlay, probabilities=probabilities)
     qc = {k: v for k, v in result.qc.items() if k in ("qc", "qc_score", "qc_reason")} or None

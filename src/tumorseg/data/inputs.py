@@ -85,6 +85,7 @@ class InputRef:
     files: list[Path] = field(default_factory=list)  # slice images
     nifti: NiftiFiles | None = None
     dicom: tuple[Any, dict[str, str]] | None = None  # (the study's series, the series chosen by UID)
+    resample: bool = True  # sequences on other grids than the FLAIR's are resampled onto it (else refused)
 
     def read(self, labels: bool = False) -> InputVolume:
         """Read the patient (see `InputVolume`); with `labels`, its label too where it has
@@ -103,9 +104,11 @@ class InputRef:
         if self.kind == "nifti":
             assert self.nifti is not None
             files = self.nifti if labels else dataclasses.replace(self.nifti, label=None)
-            patient = read_nifti_patient(files)
+            patient = read_nifti_patient(files, resample=self.resample)
             images, native = to_training_scale(patient)
             notes = [f"{', '.join(patient.filled)} filled with FLAIR"] if patient.filled else []
+            if patient.resampled:
+                notes.append(f"{', '.join(patient.resampled)} resampled onto the FLAIR grid")
             paths = [p for p in files.sequences().values() if p is not None]
             return InputVolume(patient.name, "nifti", images, paths, patient.grid, native, notes, label=patient.label)
         images = read_volume(self.files, self.name)
@@ -125,15 +128,17 @@ def slice_labels(files: list[Path]) -> np.ndarray | None:
     return np.stack([read_mask(s.mask) for s in slices if s.mask is not None]) > 0
 
 
-def nifti_ref(files: NiftiFiles) -> InputRef:
+def nifti_ref(files: NiftiFiles, resample: bool = True) -> InputRef:
     """A NIfTI patient given by its files."""
-    return InputRef(files.name, "nifti", [], files)
+    return InputRef(files.name, "nifti", [], files, resample=resample)
 
 
-def find_inputs(inputs: Sequence[str | Path], *, dicom_series: dict[str, str] | None = None) -> list[InputRef]:
+def find_inputs(inputs: Sequence[str | Path], *, dicom_series: dict[str, str] | None = None,
+                resample: bool = True) -> list[InputRef]:
     """Group the inputs into patients (see the module docstring), without reading pixels.
     `dicom_series` ({"FLAIR": uid, "T1": uid, "T1c": uid}, any subset) overrides the
-    choice of DICOM series by description.
+    choice of DICOM series by description; without `resample`, NIfTI sequences on another
+    grid than the FLAIR's are refused instead of resampled onto it.
 
     Raises:
         DataError: a path that does not exist, a folder without slices, a file of a
@@ -147,7 +152,7 @@ def find_inputs(inputs: Sequence[str | Path], *, dicom_series: dict[str, str] | 
         if path.is_file() and input_kind(path) != "dicom":
             kind = check_input_file(path)
             if kind == "nifti":  # one volume given alone: FLAIR
-                refs.append(nifti_ref(NiftiFiles(patient_name(path), flair=path)))
+                refs.append(nifti_ref(NiftiFiles(patient_name(path), flair=path), resample))
                 continue
             if kind != "slice":
                 raise DataError(f"{path}: a {kind} file is not read here; unpack it and pass the folder")
@@ -158,7 +163,7 @@ def find_inputs(inputs: Sequence[str | Path], *, dicom_series: dict[str, str] | 
                         for name, study, wanted in find_dicom_sessions(path, series=dicom_series))
             continue
         if is_nifti_patient(path):
-            refs.append(nifti_ref(find_sequences(path)))
+            refs.append(nifti_ref(find_sequences(path), resample))
             continue
         files = slice_images(path)
         if files:
@@ -166,7 +171,7 @@ def find_inputs(inputs: Sequence[str | Path], *, dicom_series: dict[str, str] | 
             continue
         nifti = sorted(p for p in path.iterdir() if p.is_dir() and is_nifti_patient(p))
         if nifti:
-            refs.extend(nifti_ref(find_sequences(p)) for p in nifti)
+            refs.extend(nifti_ref(find_sequences(p), resample) for p in nifti)
             continue
         try:
             patients = find_patient_dirs(path)

@@ -42,6 +42,7 @@ from tumorseg.errors import ConfigError
 from tumorseg.inference import Predictor
 from tumorseg.serve.jobs import VIEW_FILES, Job, JobStore
 from tumorseg.serve.uploads import UploadError
+from tumorseg.version import __version__
 
 log = logging.getLogger("tumorseg")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -235,6 +236,4 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, work_dir
 
 
 def _version() -> str:
-    from tumorseg import __version__
-
     return __version__
