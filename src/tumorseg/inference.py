@@ -115,9 +115,10 @@ class Predictor:
         channels: the input sequences the models expect, by name (subset of CHANNELS).
         percentiles: per-patient normalisation percentiles (low, high).
         inference: threshold, post-processing and TTA.
-        device, precision: where and in which autocast dtype PyTorch runs; "auto" precision
-            times the model in fp32 and bf16 on this device once and keeps the faster
-            (cached, see `runtime.resolve_precision`).
+        device: where PyTorch runs ("auto": CUDA, then MPS, then the CPU).
+        precision: the autocast dtype of PyTorch; "auto" times the model in fp32 and bf16
+            on this device once and keeps the faster (cached, see
+            `runtime.resolve_precision`).
         batch_size: slices per forward pass.
         channels_last: feed channels-last tensors.
         fuse: fold BatchNorm into the convolutions (a copy of each model; for models that

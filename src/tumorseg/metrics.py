@@ -130,9 +130,9 @@ def slice_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[list[float], int,
     """Per-slice view of a volume (S, H, W).
 
     Returns:
-        (Dice of each slice that has tumour in the truth,
-         number of tumour-free true slices with any predicted pixel (false-positive slices),
-         number of tumour-free true slices).
+        (Dice of each slice that has tumour in the truth, number of tumour-free true
+        slices with any predicted pixel (false-positive slices), number of tumour-free
+        true slices).
     """
     dices, fp_slices, empty = [], 0, 0
     for p, t in zip(np.asarray(pred, bool), np.asarray(truth, bool), strict=True):
