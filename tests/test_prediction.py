@@ -115,7 +115,10 @@ def test_single_files_and_mixed_inputs(kaggle, inputs):
     assert [v.name for v in find_inputs([scan, single, one])] == ["scan", "single", "PAT_A_2001_3"]
 
 
-NOT_AN_IMAGE = "{p}: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii or .nii.gz"
+SUPPORTED = ".tif/.tiff/.png slices, .nii/.nii.gz volumes, DICOM files, or a .zip of a patient folder"
+NOT_READ = "{p}: the extension .txt is not read; supported: " + SUPPORTED
+JPEG = ("{p}: the extension .jpg is not read; supported: " + SUPPORTED
+        + "; JPEG loses detail and is not read; export the slices as .tif/.png")
 
 
 @pytest.mark.parametrize(
@@ -124,8 +127,8 @@ NOT_AN_IMAGE = "{p}: not a slice image or NIfTI volume; expected .tif, .tiff, .p
         (lambda t: t / "missing", "{p} does not exist; pass a patient folder, a folder of slices or .tif/.png files"),
         (lambda t: t / "missing.tif",
          "{p} does not exist; pass a patient folder, a folder of slices or .tif/.png files"),
-        (lambda t: _write(t / "notes.txt", b"text"), NOT_AN_IMAGE),
-        (lambda t: _write(t / "scan.jpg", b"jpeg"), NOT_AN_IMAGE),
+        (lambda t: _write(t / "notes.txt", b"text"), NOT_READ),
+        (lambda t: _write(t / "scan.jpg", b"jpeg"), JPEG),
         (lambda t: _mkdir(t / "empty"), "{p} holds no .tif/.png slices, no NIfTI volumes and no patient folders"),
     ],
 )

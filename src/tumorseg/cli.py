@@ -308,38 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
-    from tumorseg.data.kaggle import find_patient_dirs, is_patient_dir
-    from tumorseg.data.nifti import DEFAULT_SPACING, find_nifti_patients, kaggle_to_nifti, nifti_to_kaggle
-    from tumorseg.evaluation import check_spacing
-    from tumorseg.fileio import check_output_dir
+    from tumorseg.conversion import convert
 
-    spacing = check_spacing(a.spacing) or DEFAULT_SPACING
-    out = check_output_dir(a.out)
-    kaggle, nifti = [], []
-    for raw in a.inputs:
-        path = Path(raw)
-        if not path.is_dir():
-            raise TumorsegError(f"{path} is not a folder; pass kaggle_3m patient folders or a kaggle_3m folder, "
-                                "or NIfTI patient folders")
-        found = find_nifti_patients(path)
-        if found:
-            nifti += found
+    done = convert(a.inputs, a.out, a.spacing)
+    for name, written in done.patients:
+        if done.to_nifti:
+            print(f"{name}: {', '.join(p.name for p in written)}")
         else:
-            kaggle += [path] if is_patient_dir(path) else find_patient_dirs(path)
-    if kaggle and nifti:
-        raise TumorsegError("the inputs mix kaggle_3m and NIfTI patients; convert one kind at a time")
-    if nifti and a.spacing is not None:
-        raise TumorsegError("--spacing sets the spacing of NIfTI written from TIFFs; NIfTI to TIFF keeps none, drop it")
-    for patient in kaggle:
-        written = kaggle_to_nifti(patient, out, spacing)
-        print(f"{patient.name}: {', '.join(p.name for p in written)}")
-    for files in nifti:
-        written = nifti_to_kaggle(files, out)
-        print(f"{files.name}: {sum(not p.stem.endswith('_mask') for p in written)} slices")
-    if kaggle:
-        print(f"{len(kaggle)} patients written to {out}/ (spacing {spacing[0]} x {spacing[1]} x {spacing[2]} mm)")
+            print(f"{name}: {sum(not p.stem.endswith('_mask') for p in written)} slices")
+    if done.to_nifti:
+        sp = done.spacing
+        print(f"{len(done.patients)} patients written to {done.out}/ (spacing {sp[0]} x {sp[1]} x {sp[2]} mm)")
     else:
-        print(f"{len(nifti)} patients written to {out}/ as kaggle_3m folders")
+        print(f"{len(done.patients)} patients written to {done.out}/ as kaggle_3m folders")
     return 0
 
 
@@ -356,26 +337,14 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from tumorseg.distributed import shutdown as shutdown_distributed
     from tumorseg.distributed import world_from_env
-    from tumorseg.training import run_training
+    from tumorseg.training import resolve_run, run_training
 
     _set_threads(a.threads)
     options = {f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)}
     inference_options = {"threshold": a.threshold, "postprocess": a.postprocess, "tta": a.tta}
-    if a.resume:
-        changed = [f"--{k.replace('_', '-')}" for k, v in {**options, **inference_options}.items()
-                   if v is not None]
-        changed += [o for o, v in (("--preset", a.preset), ("--config", a.config), ("--split", a.split),
-                                   ("--out", a.out)) if v]
-        if changed:
-            raise TumorsegError(f"--resume continues the saved config; drop {', '.join(changed)}")
-        run_dir, cfg, inference = Path(a.resume), None, None
-    else:
-        if not a.data:
-            raise TumorsegError("--data is required (the kaggle_3m folder or a prepared cache)")
-        cfg = merge_layers(a.preset, a.config, options)
-        inference = InferenceConfig().replace(**inference_options)
-        name = f"fold{cfg.fold}" if cfg.fold >= 0 else "all"
-        run_dir = Path(a.out) if a.out else Path("runs") / f"{a.preset or 'default'}-{name}"
+    run_dir, cfg, inference = resolve_run(resume=a.resume, data=a.data, preset=a.preset, config=a.config,
+                                          options=options, inference_options=inference_options, out=a.out,
+                                          split=a.split)
     world = world_from_env()
     if not world.is_main:  # under torchrun only rank 0 prints
         logging.getLogger("tumorseg").setLevel(logging.ERROR)
@@ -410,10 +379,7 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
     options = {f.name: getattr(a, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)}
     only = options.pop("fold")
     cfg = merge_layers(a.preset, a.config, options)
-    if only is not None:
-        only = int(only)
-        if not 0 <= only < cfg.folds:
-            raise TumorsegError(f"--fold must be in 0..{cfg.folds - 1}, got {only}")
+    only = int(only) if only is not None else None
     report = crossval(cfg, a.data, a.out, device=a.device, precision=cfg.precision, show_progress=not a.no_progress,
                       only_fold=only)
     if only is not None and report is not None:
@@ -446,39 +412,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    import tempfile
+    from tumorseg.evaluation import evaluate_data
 
-    from tumorseg.data.cache import nifti_source, open_data, prepare
-    from tumorseg.data.splits import held_out_patients
-    from tumorseg.evaluation import check_spacing, evaluate
-    from tumorseg.fileio import check_output_dir
-
-    if a.fold is not None and not a.split:
-        raise TumorsegError("--fold needs --split (the splits.json of a run)")
-    files = _nifti_files(a)
-    if files is not None and (a.data or a.split):
-        raise TumorsegError("--flair names one patient to evaluate; drop --data and --split, or evaluate a "
-                            "folder of NIfTI patients with --data")
-    if files is None and not a.data:
-        raise TumorsegError("--data is required (a kaggle_3m folder, a folder of NIfTI patients or a cache), or "
-                            "name one NIfTI patient with --flair ... --mask ...")
-    if files is not None and files.label is None:
-        raise TumorsegError("--flair needs --mask, the label to score against (for no label use `tumorseg predict`)")
-    check_spacing(a.spacing)
-    check_output_dir(a.out)
-    patients = held_out_patients(a.split, a.fold) if a.split else None
-    # The model first: a bad checkpoint or setting fails before the data are decoded.
-    predictor = Predictor.from_checkpoints(a.checkpoint, threshold=a.threshold, postprocess=a.postprocess,
-                                           tta=a.tta, device=a.device, precision=a.precision,
-                                           engine=a.engine)
-    with tempfile.TemporaryDirectory(prefix="tumorseg-evaluate-") as scratch:
-        if files is not None:  # one patient, decoded into a throwaway cache
-            cache = prepare(files.flair.parent, Path(scratch), sources=[nifti_source(files, require_masks=True)],
-                            progress=False)
-        else:
-            cache = open_data(a.data, progress=not a.no_progress)
-        report = evaluate(cache, a.out, predictor=predictor, patients=patients, spacing=a.spacing,
-                          show_progress=not a.no_progress)
+    report = evaluate_data(a.out, data=a.data, files=_nifti_files(a), split=a.split, fold=a.fold,
+                           spacing=a.spacing, checkpoint=a.checkpoint, threshold=a.threshold,
+                           postprocess=a.postprocess, tta=a.tta, device=a.device, precision=a.precision,
+                           engine=a.engine, show_progress=not a.no_progress)
     s = {k: ("n/a" if v is None else f"{v:.4f}") for k, v in report["summary"].items() if k != "patients"}
     mm = f" ({s['hd95_mm_mean']} mm)" if report["summary"]["hd95_mm_mean"] is not None else ""
     n = report["summary"]["patients"]

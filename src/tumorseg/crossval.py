@@ -207,6 +207,8 @@ def crossval(
         TumorsegError: bad data or config, an unusable run folder, or a split that does
             not fit the config.
     """
+    if only_fold is not None and not 0 <= only_fold < cfg.folds:
+        raise TumorsegError(f"--fold must be in 0..{cfg.folds - 1}, got {only_fold}")
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
     check_output_dir(run_dir)

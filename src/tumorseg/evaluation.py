@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tumorseg.config import NORM_PERCENTILES
-from tumorseg.data.cache import Cache
+from tumorseg.data.cache import Cache, nifti_source, open_data, prepare
+from tumorseg.data.nifti import NiftiFiles
+from tumorseg.data.splits import held_out_patients
 from tumorseg.errors import ConfigError, TumorsegError
 from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
 from tumorseg.inference import PatientResult, Predictor, check_model_arguments
@@ -149,6 +152,58 @@ def evaluate(
                     else "NIfTI headers" if any(cache.records[p].spacing for p in names) else None),
     }
     return write_report(out_dir, header, scored, plots=plots)
+
+
+def evaluate_data(
+    out_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    files: NiftiFiles | None = None,
+    split: str | Path | None = None,
+    fold: int | None = None,
+    spacing: Sequence[float] | None = None,
+    checkpoint: str | Path | Sequence[str | Path] | None = None,
+    threshold: float | None = None,
+    postprocess: str | None = None,
+    tta: bool | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    engine: str = "auto",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """`tumorseg evaluate`: the model on the labelled patients of `data` (a kaggle_3m
+    folder, NIfTI patients or a cache), only the held-out patients of `split` (its test
+    patients, or fold `fold`'s validation patients), or the one NIfTI patient `files`
+    (with its label). The model is loaded before the data are decoded, so a bad
+    checkpoint or setting fails first.
+
+    Raises:
+        TumorsegError: contradicting or missing options, and what `evaluate` raises.
+    """
+    if fold is not None and not split:
+        raise TumorsegError("--fold needs --split (the splits.json of a run)")
+    if files is not None and (data or split):
+        raise TumorsegError("--flair names one patient to evaluate; drop --data and --split, or evaluate a "
+                            "folder of NIfTI patients with --data")
+    if files is None and not data:
+        raise TumorsegError("--data is required (a kaggle_3m folder, a folder of NIfTI patients or a cache), or "
+                            "name one NIfTI patient with --flair ... --mask ...")
+    if files is not None and files.label is None:
+        raise TumorsegError("--flair needs --mask, the label to score against (for no label use `tumorseg predict`)")
+    check_spacing(spacing)
+    check_output_dir(out_dir)
+    patients = held_out_patients(split, fold) if split else None
+    predictor = Predictor.from_checkpoints(checkpoint, threshold=threshold, postprocess=postprocess, tta=tta,
+                                           device=device, precision=precision, engine=engine)
+    with tempfile.TemporaryDirectory(prefix="tumorseg-evaluate-") as scratch:
+        if files is not None:  # one patient, decoded into a throwaway cache
+            cache = prepare(files.flair.parent, Path(scratch), sources=[nifti_source(files, require_masks=True)],
+                            progress=False)
+        else:
+            assert data is not None
+            cache = open_data(data, progress=show_progress)
+        return evaluate(cache, out_dir, predictor=predictor, patients=patients, spacing=spacing,
+                        show_progress=show_progress)
 
 
 def patient_spacing(record: Any) -> tuple[float, float, float] | None:

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tumorseg.checkpoint import Checkpoint, TrainingState, load_checkpoint, save_checkpoint
-from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig
+from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig, merge_layers
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.sampling import SAMPLER, batches_of, epoch_order, training_batch
@@ -550,6 +550,33 @@ def stop_agreed(stop: StopRequest, world: World, device: torch.device) -> bool:
     if world.distributed:
         return any_rank(stop.requested, device)
     return stop.requested
+
+
+def resolve_run(*, resume: str | Path | None, data: str | Path | None, preset: str | None,
+                config: str | Path | None, options: dict[str, Any], inference_options: dict[str, Any],
+                out: str | Path | None, split: str | Path | None) -> tuple[Path, TrainConfig | None,
+                                                                     InferenceConfig | None]:
+    """(run folder, config, inference settings) of `tumorseg train`: a resumed run keeps
+    its saved config (and refuses options that would change it); a new one layers the
+    preset, the config file and the options, in a folder named by preset and fold unless
+    `out` names one.
+
+    Raises:
+        TumorsegError: options given with `resume`, or no data for a new run.
+    """
+    if resume:
+        changed = [f"--{k.replace('_', '-')}" for k, v in {**options, **inference_options}.items() if v is not None]
+        changed += [o for o, v in (("--preset", preset), ("--config", config), ("--split", split), ("--out", out))
+                    if v]
+        if changed:
+            raise TumorsegError(f"--resume continues the saved config; drop {', '.join(changed)}")
+        return Path(resume), None, None
+    if not data:
+        raise TumorsegError("--data is required (the kaggle_3m folder or a prepared cache)")
+    cfg = merge_layers(preset, config, options)
+    inference = InferenceConfig().replace(**inference_options)
+    name = f"fold{cfg.fold}" if cfg.fold >= 0 else "all"
+    return (Path(out) if out else Path("runs") / f"{preset or 'default'}-{name}"), cfg, inference
 
 
 def run_training(
