@@ -96,6 +96,16 @@ def _voxel_ml(spacing: Sequence[float] | None) -> float:
     return values[0] * values[1] * values[2] / 1000.0
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box (one slice per axis) holding every True voxel of `mask`; an empty
+    box at the origin when there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 0))
+    return tuple(box)
+
+
 def _touches_edge(mask: np.ndarray) -> int:
     return int(bool(mask[0].any() or mask[-1].any()))
 
@@ -128,7 +138,13 @@ def member_features(probs: np.ndarray, inference: InferenceConfig,
     voxel_ml = _voxel_ml(spacing)
     if p.dtype != np.float32 and p.dtype != np.float64:
         p = p.astype(np.float32)
+    slices = p.shape[0]
     above = p > inference.threshold
+    ambiguous = int(np.count_nonzero((p > AMBIGUOUS[0]) & (p < AMBIGUOUS[1])))
+    # Post-processing and labelling look only at the box around the voxels above the
+    # threshold (components are the same there; labelling the whole volume dominated the cost).
+    box = _bounding_box(above)
+    p, above = p[box], above[box]
     mask = binarize(p, inference)
     n_above = int(np.count_nonzero(above))
     n_mask = int(np.count_nonzero(mask))
@@ -136,14 +152,14 @@ def member_features(probs: np.ndarray, inference: InferenceConfig,
     # Every post-processing keeps or drops whole components of the thresholded mask, so
     # the mask's components are the kept ones (no second labelling).
     kept = int(np.unique(labels_above[mask]).size)
-    ambiguous = int(np.count_nonzero((p > AMBIGUOUS[0]) & (p < AMBIGUOUS[1])))
+    touches = n_mask > 0 and ((box[0].start == 0 and mask[0].any()) or (box[0].stop == slices and mask[-1].any()))
     return {
         "mean_prob": float(p[mask].mean(dtype=np.float64)) if n_mask else math.nan,
         "ambiguity": ambiguous / n_mask if n_mask else math.nan,
         "removed_fraction": (n_above - n_mask) / n_above if n_above else math.nan,
         "removed_components": float(count_above - kept),
         "components": float(kept),
-        "touches_edge": float(_touches_edge(mask)),
+        "touches_edge": float(bool(touches)),
         "volume_voxels": float(n_mask),
         "volume_ml": n_mask * voxel_ml,
     }
@@ -182,12 +198,16 @@ def patient_features(member_probs: np.ndarray, final_mask: np.ndarray, inference
     if mask.shape != probs.shape[1:]:
         raise ConfigError(f"final mask shape {mask.shape} does not match the probabilities {probs.shape[1:]}")
     voxel_ml = _voxel_ml(spacing)
-    per_member = [member_features(probs[m], inference, spacing) for m in range(probs.shape[0])]
+    per_member = []
+    where = np.zeros(mask.shape, dtype=bool)  # some model says more than DISAGREEMENT_FLOOR
+    for m in range(probs.shape[0]):
+        p = probs[m].astype(np.float32)  # once per model: float16 arithmetic is slow
+        per_member.append(member_features(p, inference, spacing))
+        where |= p > DISAGREEMENT_FLOOR
     averaged = {k: _nanmean([f[k] for f in per_member]) for k in per_member[0]}
     if probs.shape[0] == 1:
         disagreement = 0.0
     else:
-        where = (probs > DISAGREEMENT_FLOOR).any(axis=0)
         if where.any():
             chosen = probs[:, where].astype(np.float32)  # (M, K): only the voxels that count
             disagreement = float(chosen.std(axis=0).mean(dtype=np.float64))
@@ -197,7 +217,7 @@ def patient_features(member_probs: np.ndarray, final_mask: np.ndarray, inference
     return QCFeatures(
         **averaged, disagreement=disagreement, members=int(probs.shape[0]),
         empty_members=sum(1 for f in per_member if f["volume_voxels"] == 0),
-        final_components=int(components(mask)[1]) if n_final else 0,
+        final_components=int(components(mask[_bounding_box(mask)])[1]) if n_final else 0,
         final_touches_edge=_touches_edge(mask), final_volume_voxels=n_final, final_volume_ml=n_final * voxel_ml,
     )
 
