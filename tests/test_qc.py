@@ -122,6 +122,8 @@ def test_rule_flags_with_a_reason_in_words():
     ok = RULE.apply({"mean_prob": 0.9, "final_volume_voxels": 100})
     assert ok.flag == "ok" and ok.reason == "within calibrated limits (mean probability 0.9 >= 0.72)"
     assert ok.score == pytest.approx(-0.18 / 0.72)
+    close = RULE.apply({"mean_prob": 0.7199, "final_volume_voxels": 100})  # as many digits as tell them apart
+    assert close.reason == "low confidence inside the mask (mean probability 0.7199 < 0.72)"
 
 
 def test_rule_with_two_conditions_names_those_that_hold():

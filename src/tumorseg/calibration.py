@@ -187,8 +187,9 @@ def calibration_summary(report: dict[str, Any]) -> dict[str, Any]:
     """What the model file keeps of a calibration report: the out-of-fold performance
     without the per-patient table."""
     oof = {k: v for k, v in report.get("out_of_fold", {}).items() if k != "folds"}
-    keep = ("data", "dice_mean", "dice_median", "bad_below", "min_specificity", "inference")
-    return {**{k: report[k] for k in keep if k in report}, "patients": len(report.get("patients", [])),
+    keep = ("dice_mean", "dice_median", "bad_below", "min_specificity", "inference")
+    data = {"data": Path(str(report["data"])).name} if report.get("data") else {}  # no paths of this machine
+    return {**data, **{k: report[k] for k in keep if k in report}, "patients": len(report.get("patients", [])),
             "out_of_fold": oof}
 
 

@@ -258,7 +258,8 @@ class Condition:
     def describe(self, value: float, held: bool) -> str:
         what, name = _WORDS.get(self.feature, (self.feature, self.feature))
         op = self.direction if held else (">=" if self.direction == "<" else "<=")
-        text = f"{name} {value:.3g} {op} {self.threshold:.3g}"
+        digits = next((d for d in range(3, 7) if f"{value:.{d}g}" != f"{self.threshold:.{d}g}"), 7)
+        text = f"{name} {value:.{digits}g} {op} {self.threshold:.{digits}g}"
         return f"{what} ({text})" if held else text
 
 
@@ -649,8 +650,9 @@ def calibrate(features: Sequence[Mapping[str, float]], dices: Sequence[float], f
     for f, v in table.items():
         if f in ("members", "disagreement") or np.ptp(np.nan_to_num(v)) == 0:
             continue
-        sign = -1.0 if candidates.get(f) == "<" else 1.0
-        feature_stats[f] = {"spearman_dice": _spearman(v, d), "direction": candidates.get(f),
+        direction = candidates.get(f, ">")  # for the other features, the AUC of "higher is worse"
+        sign = -1.0 if direction == "<" else 1.0
+        feature_stats[f] = {"spearman_dice": _spearman(v, d), "direction": direction,
                             "auc_bad": auc(sign * np.nan_to_num(v, nan=np.inf if sign > 0 else -np.inf), bad)}
     rows = []
     for i in range(n):
