@@ -29,7 +29,7 @@ from tumorseg.errors import ConfigError
 
 KNOWN_FIELDS = ", ".join(sorted(f.name for f in fields(TrainConfig)))
 
-POSTPROCESS_ERROR = ("postprocess must be none, lcc, min_size:N (N >= 1) or confident:P (0 < P < 1), "
+POSTPROCESS_ERROR = ("postprocess must be none, lcc, top_mass, min_size:N (N >= 1) or confident:P (0 < P < 1), "
                      "got 'biggest'")
 
 

@@ -20,7 +20,7 @@ from tumorseg.inference import Predictor
 
 PIXELS = 32 * 32  # per slice of the synthetic data
 
-POSTPROCESS_ERROR = ("postprocess must be none, lcc, min_size:N (N >= 1) or confident:P (0 < P < 1), "
+POSTPROCESS_ERROR = ("postprocess must be none, lcc, top_mass, min_size:N (N >= 1) or confident:P (0 < P < 1), "
                      "got 'biggest'")
 
 

@@ -66,11 +66,29 @@ def test_every_choice_is_implemented_and_unknown_ones_are_refused():
         method = choice.replace(":N", ":2").replace(":P", ":0.5")
         assert postprocess(m, method, np.full(m.shape, 0.9)).shape == m.shape
         InferenceConfig(postprocess=method)
-    for bad in ["biggest", "min_size:0", "min_size:x", "confident:1", "confident:0", "lcc:2", 3]:
+    for bad in ["biggest", "min_size:0", "min_size:x", "confident:1", "confident:0", "lcc:2", "top_mass:1", 3]:
         with pytest.raises(ConfigError) as e:
             postprocess(m, bad) if isinstance(bad, str) else InferenceConfig(postprocess=bad)
-        assert str(e.value) == ("postprocess must be none, lcc, min_size:N (N >= 1) or confident:P (0 < P < 1), "
-                                f"got {bad!r}")
+        assert str(e.value) == ("postprocess must be none, lcc, top_mass, min_size:N (N >= 1) or "
+                                f"confident:P (0 < P < 1), got {bad!r}")
+
+
+def test_top_mass_keeps_the_component_with_the_highest_summed_probability():
+    probs = np.zeros((2, 5, 5), dtype=np.float32)
+    probs[0, 0, 0:3] = 0.55  # C: 3 voxels, the largest, mass 1.65
+    probs[1, 4, 3:5] = 0.95  # D: 2 voxels, mass 1.9
+    probs[1, 2, 0] = 0.6  # E: 1 voxel, mass 0.6
+    mask = probs > 0.5
+    lcc = postprocess(mask, "lcc")
+    top = postprocess(mask, "top_mass", probs)
+    assert int(lcc.sum()) == 3 and lcc[0, 0, 0:3].all()
+    assert int(top.sum()) == 2 and top[1, 4, 3:5].all()
+    assert np.array_equal(binarize(probs, InferenceConfig(postprocess="top_mass")), top)
+    # one component (or none): kept as it is
+    assert np.array_equal(postprocess(probs > 0.9, "top_mass", probs), probs > 0.9)
+    assert not postprocess(probs > 0.99, "top_mass", probs).any()
+    with pytest.raises(ConfigError, match="postprocess top_mass needs the probabilities"):
+        postprocess(mask, "top_mass")
 
 
 def _three_components() -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,10 @@ File layout (format_version 2), a dict readable with `torch.load(weights_only=Tr
     epoch, history, best, metrics, split, notes
     training          optimiser/scheduler/RNG state, progress inside the epoch, data path;
                       None in a released model
+    qc_rule           optional: the calibrated quality-control rule of this model
+                      ({"rule": qc.QCRule.to_dict(), "calibration": a summary}), written by
+                      `store_qc_entry`; absent in older files. It belongs to these weights:
+                      exporting a new model does not carry it over.
 
 The original implementation's `unet.pt` (`{"epoch", "state_dict", ...}` with
 `layers.<i>.` keys) loads through the same `load_checkpoint`.
@@ -50,6 +54,7 @@ from tumorseg.version import __version__
 
 FORMAT = "tumorseg-checkpoint"
 FORMAT_VERSION = 2
+QC_KEY = "qc_rule"
 NORMALIZATION_METHOD = "per-patient volume percentiles, clipped to [0, 1]"
 
 
@@ -410,3 +415,35 @@ def export_weights(src: str | Path, dst: str | Path, *, notes: str | None = None
     if notes is not None:
         out.notes = notes
     save_checkpoint(dst, out)
+
+
+def read_qc_entry(path: str | Path) -> dict[str, Any] | None:
+    """The quality-control entry stored in a checkpoint file (`store_qc_entry`), or None
+    for a file without one.
+
+    Raises:
+        CheckpointError: an unreadable file, or an entry that is not a dictionary.
+    """
+    entry = read_payload(path).get(QC_KEY)
+    if entry is not None and not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: damaged {QC_KEY} entry ({type(entry).__name__}, not a mapping)")
+    return entry
+
+
+def store_qc_entry(path: str | Path, entry: dict[str, Any] | None) -> None:
+    """Write the quality-control entry (JSON-safe) into a tumorseg checkpoint file in
+    place, or remove it with None; the weights and every other entry stay as they are.
+    The file is replaced atomically.
+
+    Raises:
+        CheckpointError: not a tumorseg checkpoint.
+    """
+    obj = read_payload(path)
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a tumorseg checkpoint; only those hold a QC rule")
+    obj = dict(obj)
+    if entry is None:
+        obj.pop(QC_KEY, None)
+    else:
+        obj[QC_KEY] = entry
+    atomic_write(path, lambda f: torch.save(obj, f))

@@ -35,9 +35,10 @@ NORM_PERCENTILES: tuple[float, float] = (10.0, 99.0)
 
 # The choices of the enumerated fields, checked in `check_*` below and offered by the CLI.
 # Post-processing of a patient's thresholded volume: "none"; "lcc", the largest 3-D connected
-# component; "min_size:N", without the components of fewer than N voxels; "confident:P",
-# the components whose highest probability reaches P (multifocal tumours survive).
-POSTPROCESS_CHOICES: tuple[str, ...] = ("none", "lcc", "min_size:N", "confident:P")
+# component; "top_mass", the component with the highest summed probability; "min_size:N",
+# without the components of fewer than N voxels; "confident:P", the components whose
+# highest probability reaches P (multifocal tumours survive).
+POSTPROCESS_CHOICES: tuple[str, ...] = ("none", "lcc", "top_mass", "min_size:N", "confident:P")
 PRECISION_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp32")
 ENGINE_CHOICES: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
 LOSS_CHOICES: tuple[str, ...] = ("dice", "dice_per_image", "bce_dice")
@@ -48,9 +49,9 @@ _INVALID = object()
 
 
 def postprocess_parameter(method: Any) -> Any:
-    """The parameter of a post-processing method: None for "none"/"lcc", the N of
+    """The parameter of a post-processing method: None for "none"/"lcc"/"top_mass", the N of
     "min_size:N", the P of "confident:P"; `_INVALID` for anything else."""
-    if method in ("none", "lcc"):
+    if method in ("none", "lcc", "top_mass"):
         return None
     name, _, value = str(method).partition(":") if isinstance(method, str) else ("", "", "")
     try:
@@ -137,7 +138,8 @@ class InferenceConfig:
 
     threshold: float = _field(0.5, "probability threshold of the tumour mask, in (0, 1)")
     postprocess: str = _field(
-        "none", "none; lcc (largest 3-D connected component); min_size:N (drop components under N voxels); "
+        "none", "none; lcc (largest 3-D connected component); top_mass (the component with the highest summed "
+                "probability); min_size:N (drop components under N voxels); "
                 "confident:P (keep components whose highest probability reaches P)")
     tta: bool = _field(False, "average with the horizontally flipped image: true/false")
 
@@ -147,7 +149,7 @@ class InferenceConfig:
             (real and 0.0 < float(self.threshold) < 1.0,
              f"threshold must be between 0 and 1, got {self.threshold!r}"),
             (postprocess_parameter(self.postprocess) is not _INVALID,
-             f"postprocess must be none, lcc, min_size:N (N >= 1) or confident:P (0 < P < 1), "
+             f"postprocess must be none, lcc, top_mass, min_size:N (N >= 1) or confident:P (0 < P < 1), "
              f"got {self.postprocess!r}"),
             (isinstance(self.tta, bool), f"tta must be true or false, got {self.tta!r}"),
         ])

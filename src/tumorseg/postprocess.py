@@ -4,6 +4,8 @@ The methods (`config.POSTPROCESS_CHOICES`), on a patient's thresholded volume, w
 26-connected 3-D components (8-connected in a single 2-D slice):
 - "none": the thresholded mask as it is;
 - "lcc": the largest component only;
+- "top_mass": the component with the highest summed probability only (a large weak
+  region loses to a smaller confident one);
 - "min_size:N": every component of at least N voxels;
 - "confident:P": every component whose highest probability is at least P, so that a
   multifocal tumour keeps all its foci while weak false positives go.
@@ -36,12 +38,24 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(sizes.argmax())
 
 
+def top_mass_component(mask: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Keep the component of a binary mask whose probabilities `probs` (same shape) sum
+    highest (the first such on a tie)."""
+    m = np.asarray(mask, dtype=bool)
+    labels, n = components(m)
+    if n <= 1:
+        return m
+    mass = np.bincount(labels.ravel(), weights=np.asarray(probs, dtype=np.float64).ravel(), minlength=n + 1)
+    mass[0] = -np.inf
+    return labels == int(mass.argmax())
+
+
 def postprocess(mask: np.ndarray, method: str, probs: np.ndarray | None = None) -> np.ndarray:
-    """Apply the post-processing `method` to a binary volume (S, H, W); "confident:P"
-    needs the probabilities `probs` of the same shape.
+    """Apply the post-processing `method` to a binary volume (S, H, W); "confident:P" and
+    "top_mass" need the probabilities `probs` of the same shape.
 
     Raises:
-        ConfigError: an unknown method, or "confident:P" without probabilities.
+        ConfigError: an unknown method, or "confident:P"/"top_mass" without probabilities.
     """
     m = np.asarray(mask, dtype=bool)
     parameter = postprocess_parameter(method)
@@ -49,6 +63,10 @@ def postprocess(mask: np.ndarray, method: str, probs: np.ndarray | None = None) 
         return m
     if method == "lcc":
         return largest_component(m)
+    if method == "top_mass":
+        if probs is None:
+            raise ConfigError("postprocess top_mass needs the probabilities")
+        return top_mass_component(m, probs)
     if method.startswith("min_size:") and isinstance(parameter, int):
         labels, n = components(m)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
@@ -63,7 +81,7 @@ def postprocess(mask: np.ndarray, method: str, probs: np.ndarray | None = None) 
         keep = np.asarray(peak) >= parameter
         keep[0] = False
         return keep[labels]
-    raise ConfigError(f"postprocess must be none, lcc, min_size:N (N >= 1) or confident:P (0 < P < 1), "
+    raise ConfigError(f"postprocess must be none, lcc, top_mass, min_size:N (N >= 1) or confident:P (0 < P < 1), "
                       f"got {method!r}")
 
 
