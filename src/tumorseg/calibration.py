@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 from tumorseg.checkpoint import Checkpoint, load_members, read_qc_entry, store_qc_entry, weights_digest
 from tumorseg.config import NORM_PERCENTILES, InferenceConfig
 from tumorseg.data.cache import Cache, open_data
+from tumorseg.engines import choose_engine
 from tumorseg.errors import TumorsegError
 from tumorseg.fileio import atomic_write, atomic_write_text, prepare_output_dir
+from tumorseg.inference import Predictor
 from tumorseg.metrics import confusion_counts, dice_from_counts
 from tumorseg.postprocess import binarize
 from tumorseg.qc import BAD_BELOW, MIN_SPECIFICITY, QCRule, calibrate, patient_features
@@ -61,10 +63,7 @@ def fold_patients(members: list[Checkpoint], patients: Iterable[str]) -> dict[st
     return {p: k for p, k in sorted(held.items()) if p in wanted}
 
 
-def _predictor(ck: Checkpoint, *, device: str, engine: str) -> Any:
-    from tumorseg.engines import choose_engine
-    from tumorseg.inference import Predictor
-
+def _predictor(ck: Checkpoint, *, device: str, engine: str) -> Predictor:
     # Raw probabilities of one model, in fp32: threshold and post-processing are applied here.
     chosen = choose_engine(engine, [ck], None, device=device, precision="fp32")
     return Predictor(engine=chosen, channels=ck.channels, percentiles=ck.percentiles,
@@ -85,7 +84,7 @@ def out_of_fold_probabilities(members: list[Checkpoint], cache: Cache, folder: P
         saved = {}
     digests = [weights_digest([ck]) for ck in members]
     held = fold_patients(members, cache.patients)
-    predictors: dict[int, Any] = {}
+    predictors: dict[int, Predictor] = {}
     for patient, k in tqdm(held.items(), desc="out-of-fold probabilities", unit="patient",
                            disable=None if progress else True):
         path = folder / f"{patient}.npy"
@@ -98,32 +97,13 @@ def out_of_fold_probabilities(members: list[Checkpoint], cache: Cache, folder: P
         predictor = predictors[k]
         rec = cache.records[patient]
         same = predictor.percentiles == NORM_PERCENTILES  # the cache holds these; others are recomputed
-        probs, _ = predictor.volume_probabilities(np.asarray(cache.images(patient)),
-                                                  rec.low if same else None, rec.high if same else None)
+        probs = predictor.segment(np.asarray(cache.images(patient)), rec.low if same else None,
+                                  rec.high if same else None).probabilities
         half = probs.astype(np.float16)
         atomic_write(path, lambda f, a=half: np.save(f, a))
         saved[patient] = source
         atomic_write_text(sources_path, json.dumps(saved, indent=1) + "\n")
         yield patient, k, half.astype(np.float32)
-
-
-def member_probabilities(predictor: Any, volume: np.ndarray, low: Any = None, high: Any = None) -> np.ndarray:
-    """Each model's own probabilities float16 (M, S, H, W) of one patient volume
-    (S, H, W, 3), normalised as `Predictor.normalize_volume` does (with TTA, each model's
-    average with its flipped prediction): what `qc.patient_features` needs of an ensemble,
-    which `Predictor.segment` averages away."""
-    import torch
-
-    x = predictor.normalize_volume(volume, low, high)
-    out = np.empty((predictor.members, x.shape[0], *x.shape[-2:]), dtype=np.float16)
-    with torch.inference_mode():
-        for start in range(0, x.shape[0], predictor.batch_size):
-            chunk = x[start:start + predictor.batch_size]
-            p = torch.sigmoid(predictor.engine(chunk).float())  # (N, M, H, W)
-            if predictor.inference.tta:
-                p = 0.5 * (p + torch.sigmoid(predictor.engine(chunk.flip(-1)).float()).flip(-1))
-            out[:, start:start + chunk.shape[0]] = p.cpu().numpy().transpose(1, 0, 2, 3)
-    return out
 
 
 def _spacing(cache: Cache, patient: str) -> tuple[float, float, float] | None:

@@ -235,6 +235,26 @@ def _parser_predict(sub) -> None:
     _add_common_model_args(p)
 
 
+def _parser_calibrate_qc(sub) -> None:
+    p = sub.add_parser("calibrate-qc", help="fit the per-patient quality flag of a model out of fold",
+                       description="Predict every patient of DATA with the fold model that never saw it (a fold "
+                                   "ensemble keeps each model's split), compute the quality features and the Dice "
+                                   "of each, fit the rule that flags patients likely below Dice 0.7 at "
+                                   "specificity >= 0.9, estimate its sensitivity and specificity leaving one fold "
+                                   "out, and store the rule in the model file (`predict` and `evaluate` then flag "
+                                   "results). Writes OUT/qc_calibration.json and OUT/qc_features.csv; the "
+                                   "probabilities are kept in OUT/probabilities and reused.")
+    p.add_argument("model", metavar="MODEL", help="a fold ensemble file (`tumorseg export RUN`)")
+    p.add_argument("--data", required=True, help="the labelled data the ensemble was cross-validated on (required)")
+    p.add_argument("--out", default="qc-calibration", help="report folder (default: qc-calibration)")
+    p.add_argument("--store", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the fitted rule into MODEL (default: yes)")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                   help="engine of the out-of-fold predictions (default: auto)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
+
+
 def _parser_merge(sub) -> None:
     p = sub.add_parser("merge", help="join the summaries of sharded predict runs (predict --shard K/N)",
                        description="Merge OUT/summary.shard-K-of-N.csv, written by `tumorseg predict --shard K/N`, "
@@ -302,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tumorseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_parser_prepare, _parser_train, _parser_crossval, _parser_export, _parser_evaluate,
-                _parser_predict, _parser_merge, _parser_convert, _parser_serve):
+                _parser_predict, _parser_merge, _parser_convert, _parser_calibrate_qc, _parser_serve):
         add(sub)
     return parser
 
@@ -442,12 +462,43 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         print(f"nothing in this shard ({a.shard}); its empty table is in {a.out}/")
         return 0
     width = max(len("volume"), *(len(s.volume) for s in summaries))
-    print(f"{'volume':<{width}}  slices  tumour slices  tumour pixels  volume mL  removed by post-processing")
+    print(f"{'volume':<{width}}  slices  tumour slices  tumour pixels  volume mL  removed by post-processing  qc")
     for s in summaries:
         ml = f"{s.volume_ml:.2f}" if s.volume_ml is not None else "-"
         print(f"{s.volume:<{width}}  {s.slices:>6}  {s.tumour_slices:>13}  {s.tumour_pixels:>13}  {ml:>9}  "
-              f"{s.removed_pixels:>26}")
+              f"{s.removed_pixels:>26}  {s.qc or '-'}")
+    flagged = [s.volume for s in summaries if s.qc == "review"]
+    if flagged:
+        print(f"{len(flagged)} of {len(summaries)} result(s) flagged for review (qc_reason in summary.csv): "
+              f"{', '.join(flagged)}")
+    elif summaries and not any(s.qc for s in summaries):
+        print("no quality flag: this model has no calibrated rule (see `tumorseg calibrate-qc`); the quality "
+              "features are in summary.csv")
     print(f"masks written to {a.out}/")
+    return 0
+
+
+def _cmd_calibrate_qc(a: argparse.Namespace) -> int:
+    from tumorseg.calibration import calibrate_qc, store_rule
+    from tumorseg.qc import QCRule
+
+    report = calibrate_qc(a.model, a.data, a.out, device=a.device, engine=a.engine, progress=not a.no_progress)
+    rule = QCRule.from_dict(report["rule"])
+    oof = report["out_of_fold"]
+
+    def share(k: str) -> str:
+        ci = oof.get(f"{k}_ci95")
+        value = oof.get(k)
+        return "n/a" if value is None else f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    print(f"rule: review when {' or '.join(f'{c.feature} {c.direction} {c.threshold:.4g}' for c in rule.conditions)}")
+    print(f"out of fold ({oof['patients']} patients, {oof['bad']} below Dice {oof['bad_below']}): sensitivity "
+          f"{share('sensitivity')}, specificity {share('specificity')} (Wilson 95%), AUC "
+          f"{oof['auc_score']:.3f}" if oof.get("auc_score") is not None else "")
+    if a.store:
+        store_rule(a.model, rule, report)
+        print(f"rule stored in {a.model}")
+    print(f"report: {Path(a.out) / 'qc_calibration.json'}")
     return 0
 
 
@@ -496,7 +547,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 COMMANDS = {"prepare": _cmd_prepare, "convert": _cmd_convert, "train": _cmd_train, "crossval": _cmd_crossval,
             "export": _cmd_export, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "merge": _cmd_merge,
-            "serve": _cmd_serve}
+            "calibrate-qc": _cmd_calibrate_qc, "serve": _cmd_serve}
 
 
 class _Lines(logging.Handler):

@@ -1,7 +1,8 @@
 """`tumorseg evaluate`: per-patient scores of a model on labelled data, and a report.
 
 Report folder:
-    report.json              summary + one record per patient (shape in the README)
+    report.json              summary, one record per patient (with its quality flag and
+                             features), and "qc": how the flag did on these patients
     per_patient.csv          the same records as a table
     dice_distribution.png    histogram and box plot of per-patient Dice
     examples.png             overlays of example slices (truth green, prediction red)
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +32,9 @@ from tumorseg.errors import ConfigError, TumorsegError
 from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_dir
 from tumorseg.inference import PatientResult, Predictor, check_model_arguments
 from tumorseg.metrics import PatientScores, hd95, nanmean, score_patient, slice_scores
+from tumorseg.qc import SHOWN_FEATURES, QCRule, assess, flag_performance
+
+log = logging.getLogger("tumorseg")
 
 PATIENT_FIELDS = ["patient", "slices", "dice", "iou", "precision", "recall", "hd95",
                   "true_voxels", "pred_voxels"]
@@ -137,7 +142,9 @@ def evaluate(
         seg = segment_cached(predictor, cache, patient, images)
         truth = np.asarray(cache.masks(patient)) > 0
         rec = cache.records[patient]
-        scored.append(score_volume(patient, seg.mask, truth, images, rec.slices, spacing or patient_spacing(rec)))
+        where = spacing or patient_spacing(rec)
+        quality = assess(seg.member_probabilities(), seg.mask, seg.inference, where, predictor.qc_rule)
+        scored.append(score_volume(patient, seg.mask, truth, images, rec.slices, where, **qc_columns(quality)))
     header = {
         "checkpoint": predictor.source,
         "checkpoint_kind": "ensemble" if predictor.members > 1 else predictor.kind,
@@ -151,7 +158,35 @@ def evaluate(
         "spacing": ("--spacing " + " ".join(f"{v:g}" for v in spacing) if spacing
                     else "NIfTI headers" if any(cache.records[p].spacing for p in names) else None),
     }
-    return write_report(out_dir, header, scored, plots=plots)
+    return write_report(out_dir, header, scored, plots=plots,
+                        sections={"qc": qc_section(scored, predictor.qc_rule, predictor.trained_on)})
+
+
+def qc_columns(quality: dict[str, Any]) -> dict[str, Any]:
+    """The per-patient columns of a quality record (`qc.assess`): flag, score, reason and
+    the features a report shows."""
+    features = quality.get("features", {})
+    return {"qc": quality.get("qc", ""), "qc_score": quality.get("qc_score"), "qc_reason": quality.get("qc_reason", ""),
+            **{k: features.get(k) for k in SHOWN_FEATURES}}
+
+
+def qc_section(scored: list[ScoredPatient], rule: QCRule | None, trained_on: frozenset[str]) -> dict[str, Any]:
+    """How the quality flag did on these labelled patients (`qc.flag_performance`), and
+    which of them the model trained on: on those the figures mean little (a model is
+    confident on what it has seen), which a warning says too."""
+    seen = sorted(p.scores.patient for p in scored if p.scores.patient in trained_on)
+    section: dict[str, Any] = {"rule": rule.to_dict() if rule else None, "trained_on": seen}
+    if rule is None:
+        section["note"] = "this model has no calibrated rule: features only (see `tumorseg calibrate-qc`)"
+        return section
+    section["performance"] = flag_performance([p.extra["qc"] for p in scored], [p.scores.dice for p in scored],
+                                              rule.bad_below)
+    if seen:
+        section["note"] = (f"{len(seen)} of {len(scored)} patients were in the model's training data: the flag's "
+                           "sensitivity and specificity on them mean little")
+        log.warning(f"{len(seen)} of {len(scored)} evaluated patients were in the model's training data; its scores "
+                    "and the quality flag's figures on them are optimistic")
+    return section
 
 
 def evaluate_data(
@@ -260,7 +295,8 @@ def write_report(out_dir: str | Path, header: dict[str, Any], scored: list[Score
     with_mm = any(p.hd95_mm is not None for p in scored)
     records = [
         {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(p.scores).items()}
-        | ({"hd95_mm": _finite(p.hd95_mm)} if p.hd95_mm is not None else {}) | p.extra
+        | ({"hd95_mm": _finite(p.hd95_mm)} if p.hd95_mm is not None else {})
+        | {k: (_finite(v) if isinstance(v, float) else v) for k, v in p.extra.items()}
         for p in scored
     ]
     report = {

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tumorseg.checkpoint import Checkpoint, load_members
+from tumorseg.checkpoint import Checkpoint, load_members, read_qc_entry
 from tumorseg.config import CHANNELS, ENGINE_CHOICES, NORM_PERCENTILES, InferenceConfig, channel_indices
 from tumorseg.data.inputs import InputVolume
 from tumorseg.data.nifti import resample_slices
@@ -32,6 +32,7 @@ from tumorseg.engines import Engine, choose_engine, torch_engine
 from tumorseg.errors import CheckpointError, ConfigError
 from tumorseg.graphs import format_of, read_graph_info
 from tumorseg.postprocess import binarize, components
+from tumorseg.qc import QCRule
 
 BATCH_SIZE = 16  # slices per forward pass, unless the caller says otherwise
 Progress = Callable[[int, int], None]  # progress(slices done, slices in all)
@@ -126,6 +127,10 @@ class Predictor:
             switched to eval mode only while predicting (training validation).
         source: where the models came from (for reports).
         kind: "tumorseg" or "original" (the original implementation's unet.pt).
+        qc_rule: the calibrated quality-control rule of these models (`tumorseg.qc`), or
+            None: results then carry quality features without a flag.
+        trained_on: the patients any of the models trained on (their stored splits), so
+            that scores on them can be called what they are.
 
     Raises:
         ConfigError: no models, models with different inputs, or a bad batch size.
@@ -146,6 +151,8 @@ class Predictor:
         fuse: bool = True,
         source: str = "",
         kind: str = "tumorseg",
+        qc_rule: QCRule | None = None,
+        trained_on: frozenset[str] = frozenset(),
     ):
         if engine is None and not models:
             raise ConfigError("a Predictor needs at least one model")
@@ -158,6 +165,8 @@ class Predictor:
         self.batch_size = batch_size
         self.source = source
         self.kind = kind
+        self.qc_rule = qc_rule
+        self.trained_on = frozenset(trained_on)
         self.engine = engine or torch_engine(models, device=device, precision=precision,
                                              channels_last=channels_last, fuse=fuse)
 
@@ -225,9 +234,13 @@ class Predictor:
                                       f"{ck.percentiles}, unlike {first.path}; an ensemble needs one input")
         inference = first.inference.replace(threshold=threshold, postprocess=postprocess, tta=tta)
         chosen = choose_engine(engine, checkpoints, None, device=device, precision=precision, variants=variants)
+        # A rule belongs to the weights of its file: an ensemble made of several files has none.
+        entry = read_qc_entry(paths[0]) if len(paths) == 1 and first.kind == "tumorseg" else None
+        rule = QCRule.from_dict(entry["rule"]) if entry and entry.get("rule") else None
+        trained = frozenset(p for ck in checkpoints for p in (ck.split or {}).get("train", []))
         return cls(engine=chosen, channels=first.channels, percentiles=first.percentiles, inference=inference,
                    batch_size=batch_size, source=", ".join(dict.fromkeys(ck.path for ck in checkpoints)),
-                   kind=first.kind)
+                   kind=first.kind, qc_rule=rule, trained_on=trained)
 
     @property
     def precision(self) -> str:

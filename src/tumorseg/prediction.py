@@ -5,11 +5,14 @@ each patient in turn is read, predicted by the `Predictor` into a `PatientResult
 by `tumorseg.writers` (in its input's format) and released, so a folder of hundreds of
 patients never holds more than one in memory. `predict_each` yields the values for
 callers that use them (the web app); `predict` writes a summary.csv row per patient (see
-`tumorseg.writers`).
+`tumorseg.writers`). Each result carries its quality record (`tumorseg.qc.assess`): the
+features, and with a model that has a calibrated rule the flag; a flagged patient is
+named in a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from tumorseg.data.nifti import NiftiFiles
 from tumorseg.errors import ConfigError, DataError
 from tumorseg.fileio import check_output_dir, prepare_output_dir
 from tumorseg.inference import BATCH_SIZE, PatientResult, Predictor, Progress, check_model_arguments
+from tumorseg.qc import assess
 from tumorseg.writers import (
     VolumeSummary,
     merge_summary,
@@ -31,6 +35,8 @@ from tumorseg.writers import (
     summary_of,
     write_result,
 )
+
+log = logging.getLogger("tumorseg")
 
 
 @dataclass
@@ -62,6 +68,10 @@ def predict_each(
     for ref in tqdm(refs, desc="predicting", unit="volume", disable=bar):
         volume = ref.read(labels=labels)
         result = predictor.predict_volume(volume, progress=progress)
+        result.qc = assess(result.member_probabilities(), result.mask, result.inference, volume.spacing,
+                           predictor.qc_rule)
+        if result.qc.get("qc") == "review":
+            log.warning(f"{volume.name}: review this result: {result.qc['qc_reason']}")
         files = write_result(out, volume, result, overlay=overlay, probabilities=save_probabilities)
         summary = summary_of(volume, result)
         merge_summary(out / summary_name, [summary])

@@ -688,3 +688,25 @@ def _json_safe(obj: Any) -> Any:
 
 
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in fields(QCFeatures))
+
+
+# --------------------------------------------------------------------------- one prediction
+
+FLAG_FIELDS = ("qc", "qc_score", "qc_reason")
+# The features a summary row shows (all of them are in `QCFeatures`).
+SHOWN_FEATURES = ("mean_prob", "ambiguity", "removed_fraction", "removed_components", "components",
+                  "touches_edge", "disagreement")
+
+
+def assess(member_probs: np.ndarray, final_mask: np.ndarray, inference: InferenceConfig,
+           spacing: Sequence[float] | None = None, rule: QCRule | None = None) -> dict[str, Any]:
+    """The quality record of one prediction: {"features": QCFeatures as a dict} and, with
+    a `rule`, "qc" ("ok"/"review"), "qc_score" and "qc_reason" (see `QCRule.apply`).
+    Without a rule (a model file from before rules were stored, an exported graph) the
+    features come without a flag. Arguments as in `patient_features`."""
+    features = patient_features(member_probs, final_mask, inference, spacing)
+    record: dict[str, Any] = {"features": features.to_dict()}
+    if rule is not None:
+        result = rule.apply(features)
+        record.update(qc=result.flag, qc_score=result.score, qc_reason=result.reason)
+    return record

@@ -8,7 +8,10 @@ tumour slice; per DICOM patient the same NIfTI files on the FLAIR series' grid a
 with probabilities, the probability map (`_prob.nii.gz` or `_prob.png`) and for an
 ensemble its spread across the models (`_prob_spread`).
 
-`<out>/summary.csv` lists one row per volume (`SUMMARY_FIELDS`). A run adds its volumes'
+`<out>/summary.csv` lists one row per volume (`SUMMARY_FIELDS`): its size, the tumour
+found, what post-processing removed, notes on the input, and the quality flag with the
+features it rests on (`tumorseg.qc`; the flag is empty for a model without a calibrated
+rule). A run adds its volumes'
 rows to an existing summary.csv (replacing the rows of volumes predicted again) and never
 drops other rows, also when several runs write into one folder at once.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +36,7 @@ from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write_text, prepare_output_dir
 from tumorseg.inference import PatientResult
 from tumorseg.plots import overlay as make_overlay
+from tumorseg.qc import SHOWN_FEATURES
 
 
 @dataclass
@@ -45,17 +50,40 @@ class VolumeSummary:
     removed_pixels: int = 0  # above the threshold, but removed by post-processing
     volume_ml: float | None = None  # tumour volume from the voxel size (NIfTI input); None for slices
     notes: str = ""  # what the user should know about the input (filled sequences, ...)
+    qc: str = ""  # "ok" or "review" ("" without a calibrated rule)
+    qc_score: float | None = None  # the estimated probability that Dice < 0.7 (see tumorseg.qc)
+    qc_reason: str = ""  # the condition that flagged it, in words
+    mean_prob: float | None = None  # the quality features (tumorseg.qc.QCFeatures)
+    ambiguity: float | None = None
+    removed_fraction: float | None = None
+    removed_components: float | None = None
+    components: float | None = None
+    touches_edge: float | None = None
+    disagreement: float | None = None
 
 
 SUMMARY_FIELDS = [f for f in VolumeSummary.__dataclass_fields__]
+_TEXT_FIELDS = ("volume", "notes", "qc", "qc_reason")
+_INT_FIELDS = ("slices", "tumour_slices", "tumour_pixels", "removed_pixels")
 
 
 def summary_of(volume: InputVolume, result: PatientResult) -> VolumeSummary:
     """The summary row of one predicted patient."""
     voxels = result.tumour_voxels
     ml = voxels * volume.voxel_ml if volume.voxel_ml is not None else None
+    features = result.qc.get("features", {})
+    shown = {k: _finite(features.get(k)) for k in SHOWN_FEATURES}
     return VolumeSummary(volume.name, len(result.mask), result.tumour_slices, voxels, result.removed_voxels, ml,
-                         "; ".join(volume.notes))
+                         "; ".join(volume.notes), result.qc.get("qc", ""), _finite(result.qc.get("qc_score")),
+                         result.qc.get("qc_reason", ""), **shown)
+
+
+def _finite(value: object) -> float | None:
+    """A float, or None for what is missing or NaN (an empty cell)."""
+    if value is None:
+        return None
+    value = float(value)  # type: ignore[arg-type]
+    return None if math.isnan(value) else value
 
 
 def probability_png(p: np.ndarray) -> np.ndarray:
@@ -170,11 +198,11 @@ def read_summary(path: Path) -> dict[str, dict[str, str]]:
 def summary_from_row(row: dict[str, str]) -> VolumeSummary:
     """A summary row read back from summary.csv (missing columns take their defaults)."""
     def typed(name: str, value: str) -> object:
-        if name in ("volume", "notes"):
+        if name in _TEXT_FIELDS:
             return value
-        if name == "volume_ml":
-            return float(value) if value else None
-        return int(value) if value else 0
+        if name in _INT_FIELDS:
+            return int(value) if value else 0
+        return float(value) if value else None
 
     return VolumeSummary(**{k: typed(k, row.get(k) or "") for k in SUMMARY_FIELDS})
 
@@ -186,7 +214,8 @@ def merge_summary(path: Path, summaries: Sequence[VolumeSummary]) -> None:
     with _locked(path.parent):
         rows = read_summary(path)
         for s in summaries:
-            rows[s.volume] = {k: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+            rows[s.volume] = {k: "" if v is None else (f"{v:.4g}" if isinstance(v, float) and k != "volume_ml"
+                                                       else f"{v:.3f}" if isinstance(v, float) else str(v))
                               for k, v in asdict(s).items()}
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
