@@ -1,6 +1,7 @@
 """The web app in a real browser: headless Chromium (Debian's `chromium`, driven by
 Playwright) uploads a real patient through the page of a running `tumorseg serve` app,
-waits for the result and checks that the viewer shows the image and the mask.
+waits for the result and checks that the viewer shows the image and the mask, the
+quality flag's banner, and the uncertainty overlay when it is switched on.
 
 Needs Playwright and a Chromium: `$TUMORSEG_CHROMIUM`, else `chromium` or
 `chromium-browser` on the PATH; skipped without them, failed in CI (TUMORSEG_REQUIRE_DATA=1).
@@ -46,16 +47,24 @@ def settle(look, good, seconds: float = 20.0):
             return seen
 
 
+# A rule that flags every result, so that the page's banner is seen whatever this patient
+# scores (the shipped rule's own behaviour is tested in test_qc.py).
+FLAG_ALL = "review everything (test rule)"
+
+
 @pytest.fixture
 def server(tmp_path):
-    """`tumorseg serve`'s app with the shipped model, on a free port of 127.0.0.1."""
+    """`tumorseg serve`'s app with the shipped model and a rule that flags every result,
+    on a free port of 127.0.0.1."""
     import uvicorn
 
     from tumorseg.config import ServeConfig
     from tumorseg.inference import Predictor
+    from tumorseg.qc import Condition, QCRule
     from tumorseg.serve.app import create_app
 
     predictor = Predictor.from_checkpoints()  # first: it measures engines, which takes a while
+    predictor.qc_rule = QCRule((Condition("mean_prob", "<", 2.0),), notes=FLAG_ALL)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -79,6 +88,12 @@ def red_pixels(png: bytes) -> tuple[int, float]:
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
     red = (rgb[..., 0] - np.maximum(rgb[..., 1], rgb[..., 2])) > 60
     return int(red.sum()), float(rgb.mean(-1).std())
+
+
+def blue_pixels(png: bytes) -> int:
+    """Pixels where blue clearly dominates (the uncertainty overlay)."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(((rgb[..., 2] - np.maximum(rgb[..., 0], rgb[..., 1])) > 60).sum())
 
 
 def test_a_patient_uploaded_through_the_page_is_shown_with_its_mask(server, real_data, tmp_path):
@@ -106,6 +121,11 @@ def test_a_patient_uploaded_through_the_page_is_shown_with_its_mask(server, real
             assert page.inner_text("#tumour-slices").startswith("7 of 36")
             assert page.is_visible("#dice-row") and 0.5 < float(page.inner_text("#dice")) <= 1.0
             assert page.get_attribute("#download", "download") == f"{PATIENT}_masks.zip"
+            # The quality flag: a visible banner with the reason.
+            assert page.get_attribute("body", "data-qc") == "review"
+            assert page.is_visible("#qc-banner")
+            assert page.inner_text("#qc-banner").startswith("Review this result: ")
+            assert "mean probability" in page.inner_text("#qc-banner")
             # Software WebGL draws late on a busy machine: look again until the frame shows it.
             red, spread = settle(lambda: red_pixels(page.locator("#viewer").screenshot()),
                                  lambda v: v[1] > 10 and v[0] > 50)
@@ -115,6 +135,13 @@ def test_a_patient_uploaded_through_the_page_is_shown_with_its_mask(server, real
             hidden, _ = settle(lambda: red_pixels(page.locator("#viewer").screenshot()), lambda v: v[0] < red / 5)
             assert hidden < red / 5, "unchecking the mask does not hide it"
             page.check("#show-mask")
+            # The uncertainty overlay is off until switched on, then drawn in blue.
+            assert page.is_visible("#uncertain-control") and not page.is_checked("#show-uncertain")
+            before = blue_pixels(page.locator("#viewer").screenshot())
+            page.check("#show-uncertain")
+            after = settle(lambda: blue_pixels(page.locator("#viewer").screenshot()), lambda b: b > before + 20)
+            assert after > before + 20, f"switching on the uncertain voxels shows no blue ({before} -> {after})"
+            page.uncheck("#show-uncertain")
             page.wait_for_timeout(300)
             if os.environ.get("TUMORSEG_SCREENSHOT"):
                 page.screenshot(path=os.environ["TUMORSEG_SCREENSHOT"])

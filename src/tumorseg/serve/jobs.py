@@ -6,7 +6,8 @@ input volume, its label and the `PatientResult`), never from files read back.
 A job's folder, `<root>/<id>/`:
     input/<patient>/    the uploaded files (flat); removed when the job ends
     output/             what `predict` writes: masks, summary.csv (and the download zip)
-    view/               image.nii.gz, mask.nii.gz (and truth.nii.gz) for the viewer
+    view/               image.nii.gz, mask.nii.gz, uncertain.nii.gz (voxels with 0.2 < p < 0.8)
+                        (and truth.nii.gz) for the viewer
 
 Finished jobs are deleted, folder and all, `keep_minutes` after they end; the whole root
 goes when the app shuts down.
@@ -59,7 +60,8 @@ from tumorseg.serve.uploads import (
 log = logging.getLogger("tumorseg")
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-VIEW_FILES = ("image.nii.gz", "mask.nii.gz", "truth.nii.gz")
+VIEW_FILES = ("image.nii.gz", "mask.nii.gz", "truth.nii.gz", "uncertain.nii.gz")
+AMBIGUOUS = (0.2, 0.8)  # the uncertainty overlay shows voxels with a probability strictly between these
 FLAIR = CHANNELS.index("FLAIR")
 
 
@@ -246,7 +248,9 @@ class JobStore:
                 "volume_ml": summary.volume_ml, "removed_pixels": summary.removed_pixels,
                 "tumour_slice": int(per_slice.argmax()) if per_slice.any() else len(mask) // 2,
                 "viewer": {"image": self._url(job, "image.nii.gz"), "mask": self._url(job, "mask.nii.gz"),
+                           "uncertain": self._url(job, "uncertain.nii.gz"),
                            "truth": self._url(job, "truth.nii.gz") if details["has_label"] else None},
+                "qc": _qc_of(done), "quality": _features_of(done),
                 "download": f"/api/jobs/{job.id}/mask", **details,
             }
             outcome = ("done", None)
@@ -282,6 +286,31 @@ def _without_folder(message: str, folder: Path) -> str:
     return re.sub(re.escape(str(folder)) + r"/(input/|upload/(unpacked/)?)?([^/\s]+/)?", "", message)
 
 
+def _qc_of(done: Predicted) -> dict[str, Any] | None:
+    """The flag of a result ({"flag", "score", "reason"}), or None for a model without a
+    calibrated rule."""
+    qc = done.result.qc
+    if not qc.get("qc"):
+        return None
+    return {"flag": qc["qc"], "score": _json_number(qc.get("qc_score")), "reason": qc.get("qc_reason", "")}
+
+
+def _features_of(done: Predicted) -> dict[str, float | None]:
+    return {k: _json_number(v) for k, v in done.result.qc.get("features", {}).items()}
+
+
+def _json_number(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _uncertain(done: Predicted) -> np.ndarray:
+    p = done.result.probabilities
+    return ((p > AMBIGUOUS[0]) & (p < AMBIGUOUS[1])).astype(np.uint8)
+
+
 def _dice(done: Predicted) -> float | None:
     label = done.volume.label
     return score_patient(done.volume.name, done.result.mask, label, surface=False).dice if label is not None else None
@@ -299,7 +328,8 @@ def _grid_view(done: Predicted, view: Path) -> dict[str, Any]:
     flair = volume.images[..., FLAIR]
     if flair.shape[1:] != result.mask.shape[1:]:  # resampled for the model: back to the input's grid
         flair = resample_slices(flair.astype(np.float32), result.mask.shape[1:])
-    volumes = {"image.nii.gz": flair.astype(np.float32), "mask.nii.gz": result.mask.astype(np.uint8)}
+    volumes = {"image.nii.gz": flair.astype(np.float32), "mask.nii.gz": result.mask.astype(np.uint8),
+               "uncertain.nii.gz": _uncertain(done)}
     if volume.label is not None:
         volumes["truth.nii.gz"] = volume.label.astype(np.uint8)
     view.mkdir(parents=True, exist_ok=True)
@@ -321,6 +351,7 @@ def _slice_view(done: Predicted, out: Path, view: Path) -> dict[str, Any]:
     view.mkdir(parents=True, exist_ok=True)
     write_kaggle_volume(view / "image.nii.gz", volume.images[..., FLAIR], DEFAULT_SPACING)
     write_kaggle_volume(view / "mask.nii.gz", mask.astype(np.uint8), DEFAULT_SPACING)
+    write_kaggle_volume(view / "uncertain.nii.gz", _uncertain(done), DEFAULT_SPACING)
     if volume.label is not None:
         write_kaggle_volume(view / "truth.nii.gz", volume.label.astype(np.uint8), DEFAULT_SPACING)
     archive = out / f"{volume.name}_masks.zip"

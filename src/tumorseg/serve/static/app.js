@@ -4,7 +4,8 @@
 const POLL_MS = 500;
 const MAX_POLL_FAILURES = 6; // consecutive network failures before giving up
 const TRUTH_OPACITY = 0.5;
-const ACCEPTED = /\.(zip|tiff?|png|nii|nii\.gz)$/i;
+const ACCEPTED = /\.(zip|tiff?|png|nii|nii\.gz|dcm)$/i;
+const UNCERTAIN_OPACITY = 0.6;
 const MAX_FOLDER_FILES = 2000;
 
 const $ = (id) => document.getElementById(id);
@@ -39,6 +40,9 @@ const el = {
   showMask: $("show-mask"),
   showTruth: $("show-truth"),
   truthControl: $("truth-control"),
+  showUncertain: $("show-uncertain"),
+  uncertainControl: $("uncertain-control"),
+  qcBanner: $("qc-banner"),
 };
 
 // ---------------------------------------------------------------- state
@@ -52,6 +56,7 @@ const viewer = {
   ready: null, // Promise<boolean>: true when niivue is attached to a WebGL2 canvas
   error: null, // message when the viewer cannot work
   hasTruth: false,
+  uncertainIndex: -1, // index of the uncertain-voxel overlay among the loaded volumes
   nSlices: 0,
   affineInv: null, // inverse of the image's voxel->mm affine (3x3 + translation)
   affine: null,
@@ -372,6 +377,15 @@ function showResult(r) {
     el.diceRow.hidden = true;
   }
   el.removed.textContent = `${r.removed_pixels} pixels`;
+  const qc = r.qc || null;
+  document.body.dataset.qc = qc && qc.flag ? qc.flag : "none";
+  if (qc && qc.flag === "review") {
+    el.qcBanner.textContent = `Review this result: ${qc.reason}.`;
+    el.qcBanner.hidden = false;
+  } else {
+    el.qcBanner.textContent = "";
+    el.qcBanner.hidden = true;
+  }
   if (r.download) {
     el.download.href = r.download;
     el.download.setAttribute("download", r.download_name || "");
@@ -553,11 +567,18 @@ function truthOpacity() {
   return viewer.hasTruth && el.showTruth.checked ? TRUTH_OPACITY : 0;
 }
 
+function uncertainOpacity() {
+  return viewer.uncertainIndex > 0 && el.showUncertain.checked ? UNCERTAIN_OPACITY : 0;
+}
+
 function applyOverlayOpacity() {
   const nv = viewer.nv;
   if (!nv) return;
   if (nv.volumes.length > 1) nv.setOpacity(1, maskOpacity());
   if (viewer.hasTruth && nv.volumes.length > 2) nv.setOpacity(2, truthOpacity());
+  if (viewer.uncertainIndex > 0 && nv.volumes.length > viewer.uncertainIndex) {
+    nv.setOpacity(viewer.uncertainIndex, uncertainOpacity());
+  }
 }
 
 async function showViewer(r, token) {
@@ -587,6 +608,11 @@ async function showViewer(r, token) {
   if (v.truth) {
     list.push({ url: v.truth, name: niftiName(v.truth, "truth"), colormap: "green", opacity: truthOpacity(), cal_min: 0.5, cal_max: 1 });
   }
+  viewer.uncertainIndex = v.uncertain ? list.length : -1;
+  el.uncertainControl.hidden = !v.uncertain;
+  if (v.uncertain) {
+    list.push({ url: v.uncertain, name: niftiName(v.uncertain, "uncertain"), colormap: "blue", opacity: uncertainOpacity(), cal_min: 0.5, cal_max: 1 });
+  }
   try {
     await nv.loadVolumes(list);
   } catch (err) {
@@ -608,6 +634,7 @@ async function showViewer(r, token) {
 
   el.controls.disabled = false;
   el.showTruth.disabled = !viewer.hasTruth;
+  el.showUncertain.disabled = viewer.uncertainIndex < 0;
   el.placeholder.hidden = true;
   el.frame.classList.remove("stale");
   // let the browser present the frame before telling anyone it is shown
@@ -625,6 +652,7 @@ function setupControls() {
   });
   el.showMask.addEventListener("change", applyOverlayOpacity);
   el.showTruth.addEventListener("change", applyOverlayOpacity);
+  el.showUncertain.addEventListener("change", applyOverlayOpacity);
 }
 
 // ---------------------------------------------------------------- start
