@@ -497,3 +497,54 @@ def test_the_dicom_route_predicts_the_tiff_route_mask(real_data, tmp_path):
     assert dice >= 0.99
     seg = write_patient_seg(tmp_path / "seg.dcm", p, dicom_mask)
     assert np.array_equal(read_dicom_seg_label(seg, p), dicom_mask)
+
+
+# --------------------------------------------------------------------------- predict and evaluate
+
+
+def _box_study(folder: Path) -> np.ndarray:
+    """A one-series study whose FLAIR is 1000 inside a box and 0 elsewhere; the box (model layout)."""
+    flair = np.zeros(SHAPE, dtype=np.int64)
+    flair[2:4, 3:8, 2:6] = 1000
+    write_series(folder, flair, description="AX T2 FLAIR")
+    return flair > 0
+
+
+def test_predict_writes_a_dicom_seg_of_the_mask_and_evaluate_scores_against_a_seg_or_nifti_label(tmp_path):
+    from test_prediction import flair_predictor
+
+    from tumorseg.data.cache import dicom_source, prepare
+    from tumorseg.data.inputs import find_inputs
+    from tumorseg.evaluation import evaluate
+    from tumorseg.prediction import predict
+
+    box = _box_study(tmp_path / "study")
+    (ref,) = find_inputs([tmp_path / "study"])
+    assert ref.kind == "dicom" and ref.name.startswith("study-")
+    (summary,) = predict([tmp_path / "study"], tmp_path / "out", predictor=flair_predictor(), show_progress=False)
+    assert summary.tumour_pixels == int(box.sum()) and summary.volume_ml == pytest.approx(box.sum() * 3 * 0.94 ** 2 / 1e3)
+    assert 'FLAIR: "AX T2 FLAIR" (1)' in summary.notes
+    folder = tmp_path / "out" / ref.name
+    seg, nifti = folder / f"{ref.name}_seg.dcm", folder / f"{ref.name}_pred.nii.gz"
+    assert seg.is_file() and nifti.is_file()
+    patient = read_dicom_patients(tmp_path / "study")[0]
+    assert np.array_equal(read_dicom_seg_label(seg, patient), box)  # the SEG holds the predicted mask
+
+    # The SEG as the label of the same study: Dice 1; a NIfTI label on the FLAIR's grid too.
+    label = tmp_path / "label.nii.gz"
+    write_nifti(label, box, patient.grid)
+    for truth in (seg, label):
+        cache = prepare(tmp_path / "study", tmp_path / f"cache-{truth.name}",
+                        sources=[dicom_source(tmp_path / "study", truth)], progress=False)
+        report = evaluate(cache, tmp_path / f"report-{truth.name}", predictor=flair_predictor(), show_progress=False,
+                          plots=False)
+        assert report["patients"][0]["dice"] == 1.0 and report["patients"][0]["true_voxels"] == int(box.sum())
+
+
+def test_evaluate_refuses_a_dicom_study_without_its_label(tmp_path):
+    from tumorseg.errors import TumorsegError
+    from tumorseg.evaluation import evaluate_data
+
+    _box_study(tmp_path / "study")
+    with pytest.raises(TumorsegError, match="--dicom DIR and --label SEG_OR_NIFTI go together"):
+        evaluate_data(tmp_path / "report", dicom=tmp_path / "study")

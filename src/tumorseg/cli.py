@@ -197,6 +197,14 @@ def _parser_evaluate(sub) -> None:
     p.add_argument("--data", default=None,
                    help=f"{DATA_HELP} (required unless --flair and --mask name one NIfTI patient)")
     _add_nifti_file_args(p, "evaluate")
+    p.add_argument("--dicom", default=None, metavar="DIR",
+                   help="one DICOM study to evaluate (with --label) (default: none)")
+    p.add_argument("--label", default=None, metavar="SEG_OR_NII",
+                   help="the --dicom study's label: a DICOM SEG of its FLAIR series, or a NIfTI label on the FLAIR "
+                        "series' grid (any non-zero voxel is tumour)")
+    for role, option in SERIES_OPTIONS.items():
+        p.add_argument(f"--{option}", default=None, metavar="UID",
+                       help=f"DICOM: the SeriesInstanceUID of the {role} series (default: chosen by description)")
     p.add_argument("--out", default="report", help="report folder (default: report)")
     p.add_argument("--split", default=None,
                    help="splits.json of a run: evaluate only its held-out patients (default: all patients)")
@@ -434,7 +442,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from tumorseg.evaluation import evaluate_data
 
-    report = evaluate_data(a.out, data=a.data, files=_nifti_files(a), split=a.split, fold=a.fold,
+    report = evaluate_data(a.out, data=a.data, files=_nifti_files(a), dicom=a.dicom, label=a.label,
+                           dicom_series=_dicom_series(a), split=a.split, fold=a.fold,
                            spacing=a.spacing, checkpoint=a.checkpoint, threshold=a.threshold,
                            postprocess=a.postprocess, tta=a.tta, device=a.device, precision=a.precision,
                            engine=a.engine, show_progress=not a.no_progress)

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tumorseg.config import NORM_PERCENTILES
-from tumorseg.data.cache import Cache, nifti_source, open_data, prepare
+from tumorseg.data.cache import Cache, dicom_source, nifti_source, open_data, prepare
 from tumorseg.data.nifti import NiftiFiles
 from tumorseg.data.splits import held_out_patients
 from tumorseg.errors import ConfigError, TumorsegError
@@ -194,6 +194,9 @@ def evaluate_data(
     *,
     data: str | Path | None = None,
     files: NiftiFiles | None = None,
+    dicom: str | Path | None = None,
+    label: str | Path | None = None,
+    dicom_series: dict[str, str] | None = None,
     split: str | Path | None = None,
     fold: int | None = None,
     spacing: Sequence[float] | None = None,
@@ -208,21 +211,27 @@ def evaluate_data(
 ) -> dict[str, Any]:
     """`tumorseg evaluate`: the model on the labelled patients of `data` (a kaggle_3m
     folder, NIfTI patients or a cache), only the held-out patients of `split` (its test
-    patients, or fold `fold`'s validation patients), or the one NIfTI patient `files`
-    (with its label). The model is loaded before the data are decoded, so a bad
-    checkpoint or setting fails first.
+    patients, or fold `fold`'s validation patients), the one NIfTI patient `files` (with
+    its label), or the one DICOM study in the folder `dicom` with its `label` (a DICOM SEG
+    or a NIfTI label on the FLAIR series' grid). The model is loaded before the data are
+    decoded, so a bad checkpoint or setting fails first.
 
     Raises:
         TumorsegError: contradicting or missing options, and what `evaluate` raises.
     """
     if fold is not None and not split:
         raise TumorsegError("--fold needs --split (the splits.json of a run)")
+    if (dicom is None) != (label is None):
+        raise TumorsegError("--dicom DIR and --label SEG_OR_NIFTI go together: a DICOM study and its label")
+    if dicom is not None and (files is not None or data or split):
+        raise TumorsegError("--dicom names one study to evaluate; drop --data, --split and --flair")
     if files is not None and (data or split):
         raise TumorsegError("--flair names one patient to evaluate; drop --data and --split, or evaluate a "
                             "folder of NIfTI patients with --data")
-    if files is None and not data:
+    if files is None and dicom is None and not data:
         raise TumorsegError("--data is required (a kaggle_3m folder, a folder of NIfTI patients or a cache), or "
-                            "name one NIfTI patient with --flair ... --mask ...")
+                            "name one NIfTI patient with --flair ... --mask ..., or one DICOM study with --dicom "
+                            "DIR --label SEG")
     if files is not None and files.label is None:
         raise TumorsegError("--flair needs --mask, the label to score against (for no label use `tumorseg predict`)")
     check_spacing(spacing)
@@ -233,6 +242,9 @@ def evaluate_data(
     with tempfile.TemporaryDirectory(prefix="tumorseg-evaluate-") as scratch:
         if files is not None:  # one patient, decoded into a throwaway cache
             cache = prepare(files.flair.parent, Path(scratch), sources=[nifti_source(files, require_masks=True)],
+                            progress=False)
+        elif dicom is not None and label is not None:
+            cache = prepare(Path(dicom), Path(scratch), sources=[dicom_source(Path(dicom), Path(label), dicom_series)],
                             progress=False)
         else:
             assert data is not None

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tumorseg.config import NORM_PERCENTILES
+from tumorseg.data.dicom import find_dicom_sessions, read_label, read_session
 from tumorseg.data.kaggle import find_patient_dirs, list_slices, read_metadata, read_patient
 from tumorseg.data.nifti import NiftiFiles, find_nifti_patients, read_nifti_patient, training_arrays
 from tumorseg.data.normalization import volume_percentiles
@@ -184,6 +185,28 @@ def nifti_source(files: NiftiFiles, require_masks: bool) -> PatientSource:
 
     paths = [p for p in (files.flair, files.pre, files.post, files.label) if p is not None]
     return PatientSource(files.name, paths, read)
+
+
+def dicom_source(folder: Path, label: Path, series: dict[str, str] | None = None) -> PatientSource:
+    """The one DICOM study in `folder` with its `label` (a DICOM SEG, or a NIfTI label on
+    the FLAIR series' grid), for `evaluate`.
+
+    Raises:
+        DataError: no study, or several, in `folder`.
+    """
+    sessions = find_dicom_sessions(folder, series=series)
+    if len(sessions) != 1:
+        raise DataError(f"{folder} holds {len(sessions)} DICOM studies; evaluate one study with its --label")
+    name, study, wanted = sessions[0]
+
+    def read() -> tuple[list[int], np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+        patient = read_session(study, name, series=wanted)
+        patient.label = read_label(label, patient)
+        volume, mask, spacing = training_arrays(patient)
+        return list(range(1, len(volume) + 1)), volume, mask, spacing
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file()) + [Path(label)]
+    return PatientSource(name, files, read)
 
 
 def patient_sources(raw_root: str | Path, require_masks: bool = True) -> list[PatientSource]:

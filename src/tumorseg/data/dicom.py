@@ -731,3 +731,39 @@ def read_dicom_seg_label(seg_path: str | Path, patient: DicomPatient) -> np.ndar
     except (RuntimeError, ValueError, KeyError) as e:
         raise DataError(f"{seg_path}: cannot map the SEG onto the FLAIR images ({str(e)[:160]})") from e
     return patient.from_source(np.asarray(pixels).reshape(len(patient.source_index), rows, cols, -1).any(-1))
+
+
+def read_label(path: str | Path, patient: DicomPatient) -> np.ndarray:
+    """A label for `patient` bool (S, H, W) on its FLAIR grid, model layout: a DICOM SEG of
+    the FLAIR series (`read_dicom_seg_label`), or a NIfTI label (any non-zero voxel is
+    tumour) on the FLAIR's grid or, resampled by nearest neighbour through the affines,
+    on another grid of the same scanner frame.
+
+    Raises:
+        DataError: an unreadable label, or a NIfTI label that does not overlap the FLAIR.
+    """
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation
+
+    from tumorseg.data.nifti import is_nifti
+
+    path = Path(path)
+    if not is_nifti(path):
+        return read_dicom_seg_label(path, patient)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for a damaged file
+        raise DataError(f"{path}: not a readable NIfTI label ({type(e).__name__}); pass a DICOM SEG or a "
+                        ".nii/.nii.gz label on the FLAIR's grid") from e
+    data = data.reshape(data.shape[:3]) if data.ndim == 4 and data.shape[3] == 1 else data
+    if data.ndim != 3:
+        raise DataError(f"{path} is {data.ndim}-D; a label is one 3-D volume")
+    grid = patient.grid
+    if data.shape != grid.shape or not np.allclose(img.affine, grid.affine, atol=1e-3):
+        log.warning(f"{path.name} is on another grid than the FLAIR series; resampled onto it (nearest neighbour)")
+        data = resample_to_grid((data != 0).astype(np.float32), img.affine, grid.shape, grid.affine, order=0)
+        if not data.any():
+            raise DataError(f"{path}: the label does not overlap the FLAIR series once resampled onto its grid; "
+                            "is it the label of this study?")
+    return apply_orientation(np.asarray(data) != 0, grid.to_model).astype(bool)
