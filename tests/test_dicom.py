@@ -522,7 +522,8 @@ def test_predict_writes_a_dicom_seg_of_the_mask_and_evaluate_scores_against_a_se
     (ref,) = find_inputs([tmp_path / "study"])
     assert ref.kind == "dicom" and ref.name.startswith("study-")
     (summary,) = predict([tmp_path / "study"], tmp_path / "out", predictor=flair_predictor(), show_progress=False)
-    assert summary.tumour_pixels == int(box.sum()) and summary.volume_ml == pytest.approx(box.sum() * 3 * 0.94 ** 2 / 1e3)
+    assert summary.tumour_pixels == int(box.sum())
+    assert summary.volume_ml == pytest.approx(box.sum() * 3 * 0.94 ** 2 / 1e3)
     assert 'FLAIR: "AX T2 FLAIR" (1)' in summary.notes
     folder = tmp_path / "out" / ref.name
     seg, nifti = folder / f"{ref.name}_seg.dcm", folder / f"{ref.name}_pred.nii.gz"
