@@ -224,7 +224,8 @@ class TrainConfig:
     schedule: str = _field("cosine", "learning-rate schedule: step (x lr_gamma at lr_step) or cosine (to 0)")
     lr_step: int = _field(30, "epoch of the step decay (schedule step)")
     lr_gamma: float = _field(0.1, "factor of the step decay")
-    loss: str = _field("bce_dice", "dice (batch-pooled, the original), dice_per_image or bce_dice")
+    loss: str = _field("bce_dice", "dice (batch-pooled, the original), dice_per_image, bce_dice, or "
+                                   "bce_tversky:A,B (BCE + Tversky, A weighs false positives, B false negatives)")
     # --- sampling and augmentation ---
     augment: bool = _field(True, "flips, rotation, scaling, intensity jitter (image and mask together): true/false")
     sequence_dropout: float = _field(
@@ -235,6 +236,8 @@ class TrainConfig:
     samples_per_epoch: int = _field(4000, "slices per epoch; 0 = number of training slices")
     crop: int = _field(160, "train on crop x crop patches (tumour-centred half the time); 0 = whole slices")
     # --- run ---
+    init: str = _field("", "start from the weights of this checkpoint (MODEL.pt, or MODEL.pt@K for model K of an "
+                           "ensemble file, from 0) instead of random ones: fine-tuning; empty = random")
     seed: int = _field(0, "seed of weights, slice order and augmentation")
     precision: str = _field("auto", "auto (fp32 or bf16, whichever a short timing of the model on this device "
                                     "finds faster; cached), bf16 or fp32")
@@ -331,6 +334,16 @@ def replace_config(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     return out
 
 
+def _tversky_ok(name: str) -> bool:
+    if not name.startswith("bce_tversky:"):
+        return False
+    try:
+        alpha, beta = (float(v) for v in name.split(":", 1)[1].split(","))
+    except ValueError:
+        return False
+    return 0 <= alpha <= 1 and 0 <= beta <= 1 and alpha + beta > 0
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError when a field is out of its range."""
     channel_indices(cfg.channels)
@@ -352,7 +365,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.samples_per_epoch >= 0, f"samples_per_epoch must be >= 0, got {cfg.samples_per_epoch}"),
         (cfg.schedule in SCHEDULE_CHOICES,
          f"schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {cfg.schedule!r}"),
-        (cfg.loss in LOSS_CHOICES, f"loss must be one of {', '.join(LOSS_CHOICES)}, got {cfg.loss!r}"),
+        (cfg.loss in LOSS_CHOICES or _tversky_ok(cfg.loss),
+         f"loss must be one of {', '.join(LOSS_CHOICES)} or bce_tversky:A,B (A, B in [0, 1]), got {cfg.loss!r}"),
         (cfg.crop == 0 or cfg.crop >= 2 ** (cfg.depth - 1),
          f"crop must be 0 or >= {2 ** (cfg.depth - 1)}, got {cfg.crop}"),
         (0.0 <= cfg.sequence_dropout <= 1.0, f"sequence_dropout must be in [0, 1], got {cfg.sequence_dropout}"),

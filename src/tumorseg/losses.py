@@ -61,6 +61,38 @@ def bce_dice_loss(pred: torch.Tensor, target: torch.Tensor, *, logits: bool,
     return bce_weight * bce + soft_dice_loss(pred, target, logits=logits, smooth=smooth, pool=pool)
 
 
+def tversky_loss(pred: torch.Tensor, target: torch.Tensor, *, logits: bool, alpha: float = 0.5,
+                 beta: float = 0.5, smooth: float = 1.0, pool: Pool | None = None) -> torch.Tensor:
+    """1 - (Σpg + s) / (Σpg + α·Σp(1-g) + β·Σ(1-p)g + s), sums pooled over the whole
+    batch (Salehi et al. 2017). α weighs false positives, β false negatives; α = β = 0.5
+    is the soft Dice loss. An empty target with an empty prediction gives 0. `pool` as in
+    `soft_dice_loss`."""
+    _check(pred, target)
+    p = torch.sigmoid(pred.float()) if logits else pred.float()
+    g = target.float()
+    sums = torch.stack([(p * g).sum(), (p * (1 - g)).sum(), ((1 - p) * g).sum()])
+    if pool is not None:
+        sums = pool(sums)
+    return 1.0 - (sums[0] + smooth) / (sums[0] + alpha * sums[1] + beta * sums[2] + smooth)
+
+
+class TverskyLoss(nn.Module):
+    """Binary cross-entropy (mean over pixels) + batch-pooled Tversky loss (`tversky_loss`)."""
+
+    def __init__(self, alpha: float, beta: float, logits: bool = True, smooth: float = 1.0,
+                 pool: Pool | None = None):
+        super().__init__()
+        self.alpha, self.beta, self.logits, self.smooth, self.pool = alpha, beta, logits, smooth, pool
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.logits:
+            bce = F.binary_cross_entropy_with_logits(pred.float(), target.float())
+        else:
+            bce = F.binary_cross_entropy(pred.float().clamp(1e-7, 1 - 1e-7), target.float())
+        return bce + tversky_loss(pred, target, logits=self.logits, alpha=self.alpha, beta=self.beta,
+                                  smooth=self.smooth, pool=self.pool)
+
+
 class DiceLoss(nn.Module):
     """Batch-pooled soft Dice loss (the original's). `logits` says what `pred` holds."""
 
@@ -86,11 +118,31 @@ class BCEDiceLoss(nn.Module):
 
 def make_loss(name: str, pool: Pool | None = None) -> nn.Module:
     """The training loss by config name (the model outputs logits); `pool` see
-    `soft_dice_loss` (means over images or pixels need none: DDP averages them)."""
+    `soft_dice_loss` (means over images or pixels need none: DDP averages them).
+    "bce_tversky:A,B" is BCE + the Tversky loss with α = A (false positives) and β = B
+    (false negatives)."""
+    if name.startswith("bce_tversky:"):
+        alpha, beta = tversky_weights(name)
+        return TverskyLoss(alpha, beta, logits=True, pool=pool)
     if name == "dice":
         return DiceLoss(logits=True, pool=pool)
     if name == "dice_per_image":
         return DiceLoss(logits=True, per_image=True)
     if name == "bce_dice":
         return BCEDiceLoss(logits=True, pool=pool)
-    raise ValueError(f"unknown loss {name!r}; choose dice, dice_per_image or bce_dice")
+    raise ValueError(f"unknown loss {name!r}; choose dice, dice_per_image, bce_dice or bce_tversky:A,B")
+
+
+def tversky_weights(name: str) -> tuple[float, float]:
+    """(α, β) of "bce_tversky:A,B".
+
+    Raises:
+        ValueError: not two numbers in [0, 1] with a positive sum.
+    """
+    try:
+        alpha, beta = (float(v) for v in name.split(":", 1)[1].split(","))
+    except ValueError:
+        raise ValueError(f"loss {name!r}: expected bce_tversky:A,B, e.g. bce_tversky:0.7,0.3") from None
+    if not (0 <= alpha <= 1 and 0 <= beta <= 1 and alpha + beta > 0):
+        raise ValueError(f"loss {name!r}: A and B must be in [0, 1], not both 0")
+    return alpha, beta

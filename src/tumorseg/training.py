@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tumorseg.checkpoint import Checkpoint, TrainingState, load_checkpoint, save_checkpoint
+from tumorseg.checkpoint import Checkpoint, TrainingState, load_checkpoint, load_members, save_checkpoint
 from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig, merge_layers
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.dataset import SliceArrays, load_arrays
@@ -188,11 +188,35 @@ def build_training(cfg: TrainConfig, device: torch.device):
     """The seeded model (in the configured memory layout), Adam, its schedule and the loss
     of a run, as `fit` uses them; returns (model, optimizer, scheduler, loss_fn)."""
     torch.manual_seed(cfg.seed)
-    model = UNet.from_config(cfg.model_config()).to(device)
+    model = UNet.from_config(cfg.model_config())
+    if cfg.init:
+        model.load_state_dict(initial_weights(cfg))
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return model, optimizer, make_scheduler(cfg, optimizer), make_loss(cfg.loss)
+
+
+def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights `cfg.init` names: a checkpoint, or model K of an ensemble file
+    (`MODEL.pt@K`), in float32.
+
+    Raises:
+        TumorsegError: a missing model, or one of another architecture than `cfg`'s.
+    """
+    path, _, member = cfg.init.rpartition("@") if "@" in cfg.init else (cfg.init, "", "")
+    members = load_members(path)
+    try:
+        chosen = members[int(member)] if member else members[0]
+    except (ValueError, IndexError):
+        raise TumorsegError(f"--init {cfg.init}: {path} holds models 0..{len(members) - 1}") from None
+    if not member and len(members) > 1:
+        raise TumorsegError(f"--init {cfg.init} is an ensemble of {len(members)} models; name one as {path}@K")
+    if chosen.model_config != cfg.model_config():
+        raise TumorsegError(f"--init {cfg.init} is a {chosen.model_config} model; the run's config asks for "
+                            f"{cfg.model_config()}: give the same depth, features and channels")
+    return {k: v.float() for k, v in chosen.state_dict.items()}
 
 
 def write_metrics_csv(rows: list[dict[str, Any]], path: Path) -> None:
