@@ -21,6 +21,16 @@ def _missing(reason: str):
         pytest.fail(f"TUMORSEG_REQUIRE_DATA=1 but {reason}")
     pytest.skip(reason)
 DEFAULT_SEED_CHECKPOINT = REPO_ROOT.parent / "shared" / "seed" / "unet.pt"
+# Fixtures that need the restored data set or the original checkpoint: a test that uses one
+# is marked `realdata` and `slow`, so the fast lane (-m "not slow") never needs them.
+REAL_FIXTURES = {"real_data", "real_cache", "seed_checkpoint"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realdata)
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True, scope="session")
