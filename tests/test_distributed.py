@@ -28,6 +28,7 @@ from tumorseg.losses import soft_dice_loss
 from tumorseg.prediction import parse_shard, predict, shard_volumes
 from tumorseg.runtime import graceful_stop
 from tumorseg.training import global_batches, resumed_step, stop_agreed
+from tumorseg.writers import SUMMARY_FIELDS
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "ddp_train.py"
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -105,8 +106,7 @@ def test_an_empty_shard_still_writes_its_table(kaggle, tmp_path, capsys):
     code = main(["predict", str(kaggle.root), "--out", str(tmp_path / "parts"), "--shard", "4/5",
                  "--checkpoint", str(_tiny_checkpoint(tmp_path)), "--engine", "torch", "--precision", "fp32"])
     assert code == 0 and "nothing in this shard (4/5)" in capsys.readouterr().out
-    assert (tmp_path / "parts" / "summary.shard-4-of-5.csv").read_text() == \
-        "volume,slices,tumour_slices,tumour_pixels,removed_pixels,volume_ml\n"
+    assert (tmp_path / "parts" / "summary.shard-4-of-5.csv").read_text() == ",".join(SUMMARY_FIELDS) + "\n"
 
 
 def _tiny_checkpoint(tmp_path: Path) -> Path:

@@ -87,6 +87,24 @@ def never_segment(self, *args, **kwargs):
 # --------------------------------------------------------------------------- scores
 
 
+QC_FIELDS = ["qc", "qc_score", "qc_reason", "mean_prob", "ambiguity", "removed_fraction", "removed_components",
+             "components", "touches_edge", "disagreement"]
+NO_RULE = {"rule": None, "trained_on": [],
+           "note": "this model has no calibrated rule: features only (see `tumorseg calibrate-qc`)"}
+
+
+def qc_of(mean_prob, components, touches_edge=1.0) -> dict:
+    """The quality columns of a one-model prediction without a rule whose probabilities
+    are all 0 or `mean_prob` (so nothing is ambiguous) and whose post-processing is none."""
+    defined = mean_prob is not None
+    return {"qc": "", "qc_score": None, "qc_reason": "", "mean_prob": mean_prob, "ambiguity": 0.0 if defined else None,
+            "removed_fraction": 0.0 if defined else None, "removed_components": 0.0, "components": components,
+            "touches_edge": touches_edge, "disagreement": 0.0}
+
+
+SIGMOID_10 = pytest.approx(1 / (1 + np.exp(-10.0)), rel=1e-6)
+
+
 def test_everything_tumour(kaggle, cache, tmp_path):
     out = tmp_path / "report"
     report = run(cache, out, make_predictor(Constant(10.0), source="all-tumour"))
@@ -94,7 +112,7 @@ def test_everything_tumour(kaggle, cache, tmp_path):
     assert {k: v for k, v in report.items() if k not in ("summary", "patients")} == {
         "checkpoint": "all-tumour", "checkpoint_kind": "tumorseg", "models": 1, "engine": "torch", "threshold": 0.5,
         "postprocess": "none", "tta": False, "precision": "fp32", "channels": list(CHANNELS), "spacing": None,
-        "empty_mask_rule": EMPTY_MASK_RULE,
+        "empty_mask_rule": EMPTY_MASK_RULE, "qc": NO_RULE,
     }
     expected, tumour_slice_dices = [], []
     for pid in kaggle.patients:  # sorted: PAT_A, PAT_B, PAT_C
@@ -102,7 +120,7 @@ def test_everything_tumour(kaggle, cache, tmp_path):
         t, n = int(kaggle.masks[pid].sum()), s * PIXELS
         # Every pixel predicted: TP = T, FP = N - T, FN = 0.
         expected.append({"patient": pid, "slices": s, "dice": 2 * t / (t + n), "iou": t / n, "precision": t / n,
-                         "recall": 1.0, "true_voxels": t, "pred_voxels": n})
+                         "recall": 1.0, "true_voxels": t, "pred_voxels": n} | qc_of(SIGMOID_10, 1.0))
         tumour_slice_dices += [2 * int(m.sum()) / (int(m.sum()) + PIXELS) for m in kaggle.masks[pid] if m.any()]
     records = report["patients"]
     assert [{k: v for k, v in r.items() if k != "hd95"} for r in records] == expected
@@ -126,7 +144,7 @@ def test_everything_tumour(kaggle, cache, tmp_path):
 
     assert json.loads((out / "report.json").read_text()) == report
     header, rows = read_csv(out / "per_patient.csv")
-    assert header == PATIENT_FIELDS
+    assert header == [*PATIENT_FIELDS, *QC_FIELDS]
     for row, rec in zip(rows, records, strict=True):
         assert {k: row[k] for k in ("patient", "slices", "true_voxels", "pred_voxels")} == {
             k: str(rec[k]) for k in ("patient", "slices", "true_voxels", "pred_voxels")}
@@ -147,10 +165,10 @@ def test_nothing_predicted_follows_the_empty_mask_rule(make_kaggle, tmp_path):
     assert report["patients"] == [
         # One empty (the prediction): Dice 0, HD95 undefined (null).
         {"patient": "PAT_A_2001", "slices": 4, "dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0,
-         "hd95": None, "true_voxels": t, "pred_voxels": 0},
+         "hd95": None, "true_voxels": t, "pred_voxels": 0} | qc_of(None, 0.0, 0.0),
         # Both empty: Dice 1, HD95 0.
         {"patient": "PAT_E_2005", "slices": 1, "dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0,
-         "hd95": 0.0, "true_voxels": 0, "pred_voxels": 0},
+         "hd95": 0.0, "true_voxels": 0, "pred_voxels": 0} | qc_of(None, 0.0, 0.0),
     ]
     assert report["summary"] == {
         "patients": 2, "dice_mean": 0.5, "dice_median": 0.5, "dice_std": 0.5, "iou_mean": 0.5,
@@ -185,17 +203,18 @@ def test_shifted_prediction_hd95_in_pixels_and_mm(kaggle, tmp_path):
     report = run(cache, tmp_path / "mm", flair_predictor(), spacing=(3, 1, 1))
     for pid, rec in zip(kaggle.patients, report["patients"], strict=True):
         t = int(kaggle.masks[pid].sum())
-        assert rec == {"patient": pid, "slices": len(kaggle.slices[pid]), "dice": 0.0, "iou": 0.0,
-                       "precision": 0.0, "recall": 0.0, "hd95": 1.0, "true_voxels": t, "pred_voxels": t,
-                       "hd95_mm": 3.0}
+        assert {k: v for k, v in rec.items() if k not in QC_FIELDS} == {
+            "patient": pid, "slices": len(kaggle.slices[pid]), "dice": 0.0, "iou": 0.0, "precision": 0.0,
+            "recall": 0.0, "hd95": 1.0, "true_voxels": t, "pred_voxels": t, "hd95_mm": 3.0}
+        assert rec["mean_prob"] == SIGMOID_10 and rec["ambiguity"] == 0.0 and rec["qc"] == ""
     assert report["summary"]["hd95_mean"] == 1.0
     header, rows = read_csv(tmp_path / "mm" / "per_patient.csv")
-    assert header == [*PATIENT_FIELDS, "hd95_mm"]
+    assert header == [*PATIENT_FIELDS, "hd95_mm", *QC_FIELDS]
     assert [(r["hd95"], r["hd95_mm"]) for r in rows] == [("1.0", "3.0")] * 3
 
     plain = run(cache, tmp_path / "px", flair_predictor())
     assert all("hd95_mm" not in r for r in plain["patients"])
-    assert read_csv(tmp_path / "px" / "per_patient.csv")[0] == PATIENT_FIELDS
+    assert read_csv(tmp_path / "px" / "per_patient.csv")[0] == [*PATIENT_FIELDS, *QC_FIELDS]
 
 
 def test_hd95_mm_is_null_where_hd95_is_undefined(make_kaggle, tmp_path):

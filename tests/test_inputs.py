@@ -415,9 +415,9 @@ def test_input_kind_of_names_and_files(tmp_path):
 def test_unknown_extensions_name_the_extension_and_the_supported_formats():
     msg = error_of(check_input_file, "scan.jpg")
     assert msg.startswith("scan.jpg: the extension .jpg is not read; supported: .tif/.tiff/.png slices, "
-                          ".nii/.nii.gz volumes, or a .zip of a patient folder")
+                          ".nii/.nii.gz volumes, DICOM files, or a .zip of a patient folder")
     assert "the extension .mha is not read" in error_of(check_input_file, "brain.mha")
-    assert "convert the series to NIfTI (.nii.gz), e.g. with dcm2niix" in error_of(check_input_file, "x.dcm")
+    assert check_input_file("x.dcm") == "dicom"  # DICOM is read (data.dicom)
     assert error_of(check_input_file, "README").startswith("README: a file without an extension is not read")
 
 
@@ -425,6 +425,7 @@ def test_check_input_kinds_like_an_upload():
     assert check_input_kinds(["a_1.tif", "a_1_mask.tif", "a_2.png"]) == "slice"
     assert check_input_kinds(["p_flair.nii.gz", "p_t1.nii"]) == "nifti"
     assert check_input_kinds(["p.zip"]) == "zip"
+    assert check_input_kinds(["IM0001.dcm", "IM0002.dcm"]) == "dicom"
     assert "mix nifti and slice files" in error_of(check_input_kinds, ["a_1.tif", "p_flair.nii.gz"])
     assert "send a zip alone" in error_of(check_input_kinds, ["p.zip", "a_1.tif"])
     assert "no files" in error_of(check_input_kinds, [])

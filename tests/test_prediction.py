@@ -17,7 +17,7 @@ from tumorseg.errors import DataError, TumorsegError
 from tumorseg.inference import Predictor
 from tumorseg.plots import overlay
 from tumorseg.prediction import predict
-from tumorseg.writers import VolumeSummary
+from tumorseg.writers import SUMMARY_FIELDS, VolumeSummary
 
 
 class FlairThreshold(nn.Module):
@@ -61,6 +61,11 @@ def inputs(tmp_path):
     single = tmp_path / "in" / "single.tif"
     Image.fromarray(slice_with_flair(SINGLE, 99)).save(single)
     return scan, single
+
+
+def basic(s: VolumeSummary) -> VolumeSummary:
+    """The summary row without its notes and quality columns."""
+    return VolumeSummary(s.volume, s.slices, s.tumour_slices, s.tumour_pixels, s.removed_pixels, s.volume_ml)
 
 
 def read_summary(path) -> list[list[str]]:
@@ -180,10 +185,16 @@ def test_predict_writes_masks_and_summary(inputs, tmp_path):
     out = tmp_path / "out"
     summaries = predict([scan, single], out, predictor=flair_predictor(), show_progress=False)
 
-    assert summaries == [VolumeSummary("scan", 3, 2, 7), VolumeSummary("single", 1, 1, 4)]
-    assert read_summary(out / "summary.csv") == [
-        ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels", "volume_ml"],
-        ["scan", "3", "2", "7", "0", ""], ["single", "1", "1", "4", "0", ""]]  # no spacing: no mL
+    assert [basic(s) for s in summaries] == [VolumeSummary("scan", 3, 2, 7), VolumeSummary("single", 1, 1, 4)]
+    # Quality features of a one-model prediction whose probabilities are sigmoid(+-10): no
+    # voxel is ambiguous, nothing is removed, no flag without a calibrated rule.
+    scan_row = summaries[0]
+    assert scan_row.mean_prob == pytest.approx(1 / (1 + np.exp(-10.0)), rel=1e-6)
+    assert (scan_row.ambiguity, scan_row.removed_fraction, scan_row.disagreement, scan_row.qc) == (0.0, 0.0, 0.0, "")
+    rows = read_summary(out / "summary.csv")
+    assert rows[0] == SUMMARY_FIELDS
+    assert [r[:6] for r in rows[1:]] == [["scan", "3", "2", "7", "0", ""], ["single", "1", "1", "4", "0", ""]]
+    assert [r[SUMMARY_FIELDS.index("mean_prob")] for r in rows[1:]] == ["1", "1"]  # 0.99995 written as .4g
     assert sorted(p.name for p in out.iterdir()) == ["scan", "single", "summary.csv"]
     assert sorted(p.name for p in (out / "scan").iterdir()) == ["scan_10_pred.png", "scan_1_pred.png",
                                                                 "scan_2_pred.png"]
@@ -220,7 +231,8 @@ def test_predict_kaggle_patient_ignores_its_masks(kaggle, tmp_path):
     raw = kaggle.images["PAT_C_2003"][..., 1]
     assert (raw.min(), raw.max()) == (0, 255)
     flair = raw >= 128
-    assert summaries == [VolumeSummary("PAT_C_2003", 5, int(flair.reshape(5, -1).any(1).sum()), int(flair.sum()))]
+    assert [basic(s) for s in summaries] == [
+        VolumeSummary("PAT_C_2003", 5, int(flair.reshape(5, -1).any(1).sum()), int(flair.sum()))]
     for i in range(5):
         got = np.asarray(Image.open(out / "PAT_C_2003" / f"PAT_C_2003_{i + 1}_pred.png"))
         np.testing.assert_array_equal(got, np.where(flair[i], 255, 0).astype(np.uint8))
@@ -261,7 +273,7 @@ def test_concurrent_summary_merges_lose_no_row(tmp_path):
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         pool.map(_merge_many, [(str(path), p, 40) for p in ("a", "b", "c")])
     rows = read_summary(path)
-    assert rows[0] == ["volume", "slices", "tumour_slices", "tumour_pixels", "removed_pixels", "volume_ml"]
+    assert rows[0] == SUMMARY_FIELDS
     assert [r[0] for r in rows[1:]] == sorted(f"{p}{i:03d}" for p in "abc" for i in range(40))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
 

@@ -220,7 +220,8 @@ CASES: list[tuple[str, Callable[[World], None], list[str], str]] = [
     ("float-tiff", _image("f_1.tif", np.full((8, 8), 0.5, np.float32)), [*PREDICT[:1], "{tmp}/f_1.tif", *PREDICT[2:]],
      "{tmp}/f_1.tif: 32-bit float pixels (mode F), expected 8-bit (uint8); rescale"),
     ("not-an-image", lambda w: (w.tmp / "notes.txt").write_text("x"), [*PREDICT[:1], "{tmp}/notes.txt", *PREDICT[2:]],
-     "{tmp}/notes.txt: not a slice image or NIfTI volume; expected .tif, .tiff, .png, .nii or .nii.gz"),
+     "{tmp}/notes.txt: the extension .txt is not read; supported: .tif/.tiff/.png slices, .nii/.nii.gz volumes, "
+     "DICOM files, or a .zip of a patient folder"),
     ("folder-with-only-masks", _only_masks, [*PREDICT[:1], "{tmp}/masks", *PREDICT[2:]],
      "{tmp}/masks holds only masks, no image slices to predict on"),
     ("split-missing", _nothing, [*EVALUATE, "--split", "{tmp}/none.json"],
