@@ -54,6 +54,7 @@ def test_help_documents_every_option_with_default(capsys):
             assert "default" in block or "required" in block, f"{command} --{name}: no default in its help"
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict(trained, kaggle, tmp_path, capsys):
     for name in ["config.json", "splits.json", "metrics.csv", "training_curves.png", "last.pt", "best.pt"]:
         assert (trained / name).is_file()
@@ -158,6 +159,7 @@ def test_bad_input_is_one_line_exit_2(args, message, kaggle, tmp_path, capsys, m
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_predict_uses_the_shipped_model_by_default(kaggle, tmp_path, capsys):
     from tumorseg.checkpoint import load_members
     from tumorseg.inference import default_checkpoint_path
@@ -195,6 +197,7 @@ def test_config_file_and_flags_override_preset(kaggle, tmp_path, capsys):
         merge_layers(args.preset, args.config, {})
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_finishes(kaggle, tmp_path):
     """A real process: SIGINT during training exits 130 with last.pt saved; --resume completes."""
     env = {**os.environ, "TUMORSEG_CACHE": str(tmp_path / "cache")}

@@ -212,7 +212,10 @@ def test_validate_accepts_defaults_and_edges():
         ({"test_fraction": 1.0}, "test_fraction must be in [0, 1), got 1.0"),
         ({"tumour_fraction": 1.0}, "tumour_fraction must be < 1, got 1.0"),
         ({"sequence_dropout": 1.5}, "sequence_dropout must be in [0, 1], got 1.5"),
-        ({"loss": "focal"}, "loss must be one of dice, dice_per_image, bce_dice, got 'focal'"),
+        ({"loss": "focal"}, "loss must be one of dice, dice_per_image, bce_dice or bce_tversky:A,B (A, B in [0, 1]), "
+                                "got 'focal'"),
+        ({"loss": "bce_tversky:2,0"}, "loss must be one of dice, dice_per_image, bce_dice or bce_tversky:A,B (A, B in "
+                                       "[0, 1]), got 'bce_tversky:2,0'"),
         ({"precision": "fp16"}, "precision must be one of auto, bf16, fp32, got 'fp16'"),
     ],
 )

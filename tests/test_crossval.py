@@ -52,6 +52,7 @@ def test_choice_on_out_of_fold_predictions_by_hand():
     assert max(r["dice_mean"] for r in table) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_crossval_trains_every_fold_scores_out_of_fold_and_resumes(make_kaggle, tmp_path, monkeypatch):
     monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "cache"))
     data = make_kaggle(patients=PATIENTS, strays=False)
@@ -146,6 +147,7 @@ def test_ties_keep_the_simpler_candidate():
     assert chosen == InferenceConfig(threshold=0.5, postprocess="none")
 
 
+@pytest.mark.slow
 def test_an_interrupted_fold_continues(make_kaggle, tmp_path, monkeypatch):
     from tumorseg.training import fit
 
@@ -185,6 +187,7 @@ def test_crossval_cli(make_kaggle, tmp_path, capsys, monkeypatch):
     assert "--fold must be in 0..2, got 3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_of_a_run_is_one_float16_ensemble_with_the_chosen_settings(make_kaggle, tmp_path, capsys,
                                                                           monkeypatch):
     import torch
@@ -234,3 +237,25 @@ def test_export_of_a_run_is_one_float16_ensemble_with_the_chosen_settings(make_k
     assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "e3.pt")]) == 2
     assert "is not a finished cross-validation run" in capsys.readouterr().err
     assert not (tmp_path / "e3.pt").exists()
+
+    # The quality flag of the ensemble, calibrated out of fold with the one command; the
+    # rule it stores is the one its report gives, and predict then flags every patient.
+    import json
+
+    from tumorseg.calibration import read_qc_rule
+    from tumorseg.prediction import predict
+
+    assert read_qc_rule(tmp_path / "ens.pt") is None  # an export carries no rule
+    assert cli.main(["calibrate-qc", str(tmp_path / "ens.pt"), "--data", str(data.root), "--out",
+                     str(tmp_path / "qc"), "--engine", "torch", "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"out of fold ({len(PATIENTS)} patients" in out and f"rule stored in {tmp_path / 'ens.pt'}" in out
+    calibration = json.loads((tmp_path / "qc" / "qc_calibration.json").read_text())
+    assert sorted(p["patient"] for p in calibration["patients"]) == sorted(PATIENTS)
+    rule = read_qc_rule(tmp_path / "ens.pt")
+    assert rule is not None and rule.to_dict() == calibration["rule"]
+    flagged = Predictor.from_checkpoints(tmp_path / "ens.pt", device="cpu", precision="fp32", engine="torch")
+    assert flagged.qc_rule == rule and flagged.trained_on == frozenset(PATIENTS)
+    summaries = predict([data.root], tmp_path / "pred", predictor=flagged, show_progress=False)
+    assert {s.qc for s in summaries} <= {"ok", "review"} and all(s.qc for s in summaries)
+    assert all(s.qc_reason for s in summaries) and all(0 <= s.qc_score <= 1 for s in summaries)

@@ -162,6 +162,7 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
     return [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", str(HELPER), *args]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_weights_of_one_process_with_the_global_batch(kaggle, tmp_path):
     """BatchNorm-free U-Net (each process would normalise its own shard), the default
     BCE + batch-pooled Dice loss, augmentation and crops on: 2 processes of batch 2 for
@@ -187,6 +188,7 @@ def test_two_gloo_processes_give_the_weights_of_one_process_with_the_global_batc
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_rank_and_the_run_resumes(kaggle, tmp_path):
     run = tmp_path / "run"
     args = _train_args(kaggle.root, run, 2, epochs=3, samples=800)
@@ -217,6 +219,7 @@ def test_sigterm_under_torchrun_stops_every_rank_and_the_run_resumes(kaggle, tmp
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_sync_bn_on_the_cpu_is_refused_with_a_reason(kaggle, tmp_path):
     r = subprocess.run(_torchrun(2, *_train_args(kaggle.root, tmp_path / "r", 2), "--sync-bn", "true"), env=_env(),
                        capture_output=True, text=True, timeout=300)

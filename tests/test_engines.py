@@ -232,6 +232,7 @@ def test_precision_asked_for_is_honoured(checkpoints, tmp_path, monkeypatch):
     assert Predictor.from_checkpoints(xml, precision="fp32").precision == "fp32"
 
 
+@pytest.mark.slow
 def test_an_int8_variant_is_used_only_beside_the_weights_it_was_made_from(checkpoints, tmp_path, caplog,
                                                                           monkeypatch):
     """A variant records the digest of its source weights. The engine choice takes it
@@ -289,6 +290,7 @@ def test_an_ensemble_file_keeps_each_members_split(checkpoints, tmp_path):
     assert payload["best"] == {} and payload["history"] == [] and payload["training"] is None
 
 
+@pytest.mark.slow
 def test_ctrl_c_after_openvino_engines_come_and_go_is_handled():
     """OpenVINO's CPU plugin swaps the thread's alternate signal stack; with one Core per
     engine, a Ctrl-C in training after engines had been chosen (built, timed, freed) in the

@@ -162,6 +162,7 @@ def _save(path, model: UNet, **fields) -> None:
     save_checkpoint(path, Checkpoint.of_model(model, **fields))
 
 
+@pytest.mark.slow
 def test_from_checkpoints_one_or_an_ensemble_with_overrides(tmp_path):
     torch.manual_seed(0)
     a, b = UNet(n_features=4, depth=2).eval(), UNet(n_features=4, depth=2).eval()
@@ -189,9 +190,72 @@ def test_an_ensemble_needs_one_input_convention(tmp_path):
         Predictor.from_checkpoints([tmp_path / "three.pt", tmp_path / "flair.pt"], device="cpu")
 
 
+@pytest.mark.slow
 def test_shipped_model_is_the_default(tmp_path):
     p = Predictor.from_checkpoints(device="cpu", precision="fp32")
     assert p.source.endswith("tumorseg_lgg.pt") and p.inference.postprocess == "lcc"
     assert p.members == 5
 
 
+
+
+# --------------------------------------------------------------------------- PatientResult values
+
+
+def test_an_ensemble_result_keeps_each_models_probabilities_and_their_mean():
+    vol = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    result = predictor(Constant(3.0), Constant(-1.0)).segment(vol)
+    p3, pm1 = 1 / (1 + np.exp(-3.0)), 1 / (1 + np.exp(1.0))
+    assert result.members.dtype == np.float16 and result.members.shape == (2, 3, 8, 8)
+    assert np.allclose(result.members[0], p3, atol=1e-3) and np.allclose(result.members[1], pm1, atol=1e-3)
+    assert np.allclose(result.probabilities, (p3 + pm1) / 2, atol=1e-6)
+    assert np.allclose(result.spread, (p3 - pm1) / 2, atol=1e-6)  # population std of two values
+    assert result.member_probabilities().shape == (2, 3, 8, 8)
+    assert result.mask.all() and result.tumour_voxels == 192 and result.tumour_slices == 3
+    single = predictor(Constant(3.0)).segment(vol)
+    assert single.members is None and single.spread is None
+    assert np.array_equal(single.member_probabilities(), single.probabilities[None])
+
+
+def test_predict_volume_brings_probabilities_back_to_the_inputs_grid():
+    from tumorseg.data.inputs import InputVolume
+
+    images = np.random.default_rng(1).integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
+    volume = InputVolume("p", "nifti", images, [], native_shape=(16, 12))
+    result = predictor(LeftHalf(), Constant(-10.0)).predict_volume(volume)
+    assert result.name == "p" and result.probabilities.shape == result.mask.shape == (2, 16, 12)
+    assert result.members.shape == (2, 2, 16, 12)
+    # LeftHalf's probability sigmoid(4) on the left, sigmoid(-4) on the right, at both sizes.
+    assert np.allclose(result.members[0][:, :, 0], 1 / (1 + np.exp(-4.0)), atol=1e-3)
+    assert np.allclose(result.members[0][:, :, -1], 1 / (1 + np.exp(4.0)), atol=1e-3)
+
+
+def test_segment_records_what_post_processing_removed():
+    from tumorseg.inference import finish
+
+    probs = np.zeros((1, 6, 6), dtype=np.float32)
+    probs[0, :3, :3] = 0.9  # 9 voxels, the largest region
+    probs[0, 5, 5] = 0.8  # 1 voxel, removed by lcc
+    result = finish(probs, InferenceConfig(threshold=0.5, postprocess="lcc"))
+    assert (result.removed_voxels, result.removed_components, result.tumour_voxels) == (1, 1, 9)
+    kept = finish(probs, InferenceConfig(threshold=0.5, postprocess="none"))
+    assert (kept.removed_voxels, kept.removed_components, kept.tumour_voxels) == (0, 0, 10)
+
+
+def test_a_model_files_quality_rule_and_training_patients_come_with_the_predictor(tmp_path):
+    from tumorseg.checkpoint import store_qc_entry
+    from tumorseg.qc import Condition, QCRule
+
+    torch.manual_seed(0)
+    _save(tmp_path / "a.pt", UNet(n_features=4, depth=2).eval(),
+          split={"fold": 0, "train": ["P1", "P2"], "val": ["P3"]})
+    plain = Predictor.from_checkpoints(tmp_path / "a.pt", device="cpu", precision="fp32", engine="torch")
+    assert plain.qc_rule is None and plain.trained_on == {"P1", "P2"}
+    rule = QCRule((Condition("mean_prob", "<", 0.9),), notes="test")
+    store_qc_entry(tmp_path / "a.pt", {"rule": rule.to_dict(), "calibration": None})
+    assert Predictor.from_checkpoints(tmp_path / "a.pt", device="cpu", precision="fp32", engine="torch").qc_rule == rule
+    # A rule belongs to its own file's weights: a set of several files carries none.
+    _save(tmp_path / "b.pt", UNet(n_features=4, depth=2).eval())
+    both = Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], device="cpu", precision="fp32",
+                                      engine="torch")
+    assert both.qc_rule is None

@@ -170,3 +170,27 @@ def test_make_loss_by_name_computes_the_right_value():
 def test_make_loss_unknown_name():
     with pytest.raises(ValueError, match="unknown loss 'focal'"):
         make_loss("focal")
+
+
+def test_tversky_loss_by_hand_and_its_dice_case():
+    from tumorseg.losses import tversky_loss, tversky_weights
+
+    p = torch.tensor([[0.9, 0.6, 0.2, 0.0]])
+    g = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    tp, fp, fn = 0.9 + 0.2, 0.6, 0.1 + 0.8  # Σpg, Σp(1-g), Σ(1-p)g
+    for alpha, beta in [(0.7, 0.3), (0.3, 0.7), (1.0, 0.0)]:
+        expected = 1 - (tp + 1) / (tp + alpha * fp + beta * fn + 1)
+        assert tversky_loss(p, g, logits=False, alpha=alpha, beta=beta).item() == pytest.approx(expected, rel=1e-6)
+    # alpha = beta = 0.5 is the soft Dice loss with half the smoothing; empty target and prediction give 0
+    assert tversky_loss(p, g, logits=False, smooth=0.5).item() == pytest.approx(
+        soft_dice_loss(p, g, logits=False).item(), rel=1e-6)
+    assert tversky_loss(torch.zeros(1, 4), torch.zeros(1, 4), logits=False).item() == 0.0
+    z = torch.tensor([[2.0, -1.0]])
+    t = torch.tensor([[1.0, 0.0]])
+    loss = make_loss("bce_tversky:0.7,0.3")(z, t)
+    expected = F.binary_cross_entropy_with_logits(z, t) + tversky_loss(z, t, logits=True, alpha=0.7, beta=0.3)
+    assert loss.item() == pytest.approx(expected.item())
+    assert tversky_weights("bce_tversky:0.6,0.4") == (0.6, 0.4)
+    for bad in ("bce_tversky:0.5", "bce_tversky:a,b", "bce_tversky:2,0", "bce_tversky:0,0"):
+        with pytest.raises(ValueError, match="bce_tversky"):
+            make_loss(bad)

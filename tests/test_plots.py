@@ -205,6 +205,7 @@ def test_examples_bad_input(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- side effects
 
+@pytest.mark.slow
 def test_no_pyplot_and_no_global_matplotlib_state(tmp_path: Path) -> None:
     code = f"""
 import sys

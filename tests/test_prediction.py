@@ -266,6 +266,7 @@ def _merge_many(args):
         merge_summary(Path(path), [VolumeSummary(f"{prefix}{i:03d}", i, 0, 0)])
 
 
+@pytest.mark.slow
 def test_concurrent_summary_merges_lose_no_row(tmp_path):
     import multiprocessing
 
@@ -278,6 +279,7 @@ def test_concurrent_summary_merges_lose_no_row(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
 
 
+@pytest.mark.slow
 def test_two_predict_runs_into_one_folder_keep_every_row(kaggle, tmp_path):
     import subprocess
     import sys

@@ -329,6 +329,7 @@ def test_asking_for_a_missing_gpu(world, capsys):
     assert "device cuda asked for, but PyTorch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_no_progress_training_still_prints_one_line_per_epoch(world, capsys):
     code = cli.main([world.path(a) for a in [*TRAIN, "--epochs", "2", "--out", "{tmp}/run"]])
     out, err = capsys.readouterr()

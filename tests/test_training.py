@@ -97,6 +97,7 @@ def _state(path):
 
 
 # 3 steps per epoch: stop mid-epoch 1, after its last step (before validation), mid-epoch 2.
+@pytest.mark.slow
 @pytest.mark.parametrize(("stop_after", "epoch", "step"), [(2, 0, 2), (3, 0, 3), (5, 1, 2)])
 def test_interrupted_and_resumed_run_equals_uninterrupted(cache, tmp_path, stop_after, epoch, step):
     cfg = tiny_config()
@@ -141,6 +142,7 @@ def test_a_second_ctrl_c_stops_at_once_and_says_nothing_was_saved(cache, tmp_pat
     assert not done.interrupted and not done.at_once and done.epochs_done == 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_inside_an_optimiser_step_stops_after_it_and_resumes_exactly(cache, tmp_path, monkeypatch):
     """SIGINT arriving in the middle of optimizer.step() must not tear the saved state."""
     import os
@@ -201,6 +203,7 @@ def test_run_training_resumes_with_the_remembered_data_path(kaggle, tmp_path, mo
         run_training(tmp_path / "other", resume=True, show_progress=False)
 
 
+@pytest.mark.slow
 def test_training_reduces_loss(cache, tmp_path):
     cfg = tiny_config(epochs=6, crop=0, augment=False, tumour_fraction=-1.0, samples_per_epoch=0, lr=3e-2)
     result = fit(cfg, cache, tmp_path / "run", show_progress=False)
@@ -331,3 +334,26 @@ def test_validation_scores_each_patient_at_its_own_size(make_kaggle, tmp_path):
     alone = merge_validations([validate(predictor, load_arrays(cache, [p]), loss) for p in ("PAT_A_1", "PAT_B_1")])
     assert both["per_patient"] == alone["per_patient"]
     assert both["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-6)
+
+
+def test_init_starts_from_a_checkpoints_weights_and_names_what_is_wrong(tmp_path):
+    from tumorseg.checkpoint import Checkpoint, export_ensemble, save_checkpoint
+    from tumorseg.model import UNet
+    from tumorseg.training import build_training, initial_weights
+
+    cfg = tiny_config()
+    torch.manual_seed(3)
+    a, b = UNet.from_config(cfg.model_config()).eval(), UNet.from_config(cfg.model_config()).eval()
+    for name, model in (("a.pt", a), ("b.pt", b)):
+        save_checkpoint(tmp_path / name, Checkpoint.of_model(model, train_config=cfg))
+    export_ensemble([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "ens.pt")
+    model, *_ = build_training(dataclasses.replace(cfg, init=str(tmp_path / "a.pt")), torch.device("cpu"))
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in model.state_dict().items())
+    member = initial_weights(dataclasses.replace(cfg, init=f"{tmp_path / 'ens.pt'}@1"))
+    assert all(torch.allclose(v, b.state_dict()[k].float(), atol=1e-3) for k, v in member.items())  # float16 file
+    with pytest.raises(TumorsegError, match="is an ensemble of 2 models; name one as"):
+        initial_weights(dataclasses.replace(cfg, init=str(tmp_path / "ens.pt")))
+    with pytest.raises(TumorsegError, match="holds models 0..1"):
+        initial_weights(dataclasses.replace(cfg, init=f"{tmp_path / 'ens.pt'}@2"))
+    with pytest.raises(TumorsegError, match="the run's config asks for"):
+        initial_weights(dataclasses.replace(cfg, init=str(tmp_path / "a.pt"), n_features=8))

@@ -201,7 +201,7 @@ def _parser_evaluate(sub) -> None:
                    help="one DICOM study to evaluate (with --label) (default: none)")
     p.add_argument("--label", default=None, metavar="SEG_OR_NII",
                    help="the --dicom study's label: a DICOM SEG of its FLAIR series, or a NIfTI label on the FLAIR "
-                        "series' grid (any non-zero voxel is tumour)")
+                        "series' grid (any non-zero voxel is tumour) (required with --dicom)")
     for role, option in SERIES_OPTIONS.items():
         p.add_argument(f"--{option}", default=None, metavar="UID",
                        help=f"DICOM: the SeriesInstanceUID of the {role} series (default: chosen by description)")
@@ -501,9 +501,9 @@ def _cmd_calibrate_qc(a: argparse.Namespace) -> int:
         return "n/a" if value is None else f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
     print(f"rule: review when {' or '.join(f'{c.feature} {c.direction} {c.threshold:.4g}' for c in rule.conditions)}")
+    auc = f"{oof['auc_score']:.3f}" if oof.get("auc_score") is not None else "n/a"
     print(f"out of fold ({oof['patients']} patients, {oof['bad']} below Dice {oof['bad_below']}): sensitivity "
-          f"{share('sensitivity')}, specificity {share('specificity')} (Wilson 95%), AUC "
-          f"{oof['auc_score']:.3f}" if oof.get("auc_score") is not None else "")
+          f"{share('sensitivity')}, specificity {share('specificity')} (Wilson 95%), AUC {auc}")
     if a.store:
         store_rule(a.model, rule, report)
         print(f"rule stored in {a.model}")

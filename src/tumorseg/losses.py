@@ -65,8 +65,8 @@ def tversky_loss(pred: torch.Tensor, target: torch.Tensor, *, logits: bool, alph
                  beta: float = 0.5, smooth: float = 1.0, pool: Pool | None = None) -> torch.Tensor:
     """1 - (Σpg + s) / (Σpg + α·Σp(1-g) + β·Σ(1-p)g + s), sums pooled over the whole
     batch (Salehi et al. 2017). α weighs false positives, β false negatives; α = β = 0.5
-    is the soft Dice loss. An empty target with an empty prediction gives 0. `pool` as in
-    `soft_dice_loss`."""
+    is the soft Dice loss with smoothing 2s. An empty target with an empty prediction
+    gives 0. `pool` as in `soft_dice_loss`."""
     _check(pred, target)
     p = torch.sigmoid(pred.float()) if logits else pred.float()
     g = target.float()
