@@ -86,12 +86,12 @@ from tumorseg.config import TrainConfig, preset, replace_config
 from tumorseg.data.cache import Cache, default_cache_dir, is_cache_dir, open_cache, prepare
 from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.splits import make_split
-from tumorseg.training import EpochProgress, build_training, train_one_epoch
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor
 from tumorseg.losses import make_loss
 from tumorseg.model import UNet
 from tumorseg.runtime import autocast, cpu_has_native_bf16, precision_name, resolve_precision
+from tumorseg.training import EpochProgress, build_training, train_one_epoch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKED_LGG = REPO_ROOT.parent / "shared" / "data" / "lgg"
