@@ -549,3 +549,20 @@ def test_evaluate_refuses_a_dicom_study_without_its_label(tmp_path):
     _box_study(tmp_path / "study")
     with pytest.raises(TumorsegError, match="--dicom DIR and --label SEG_OR_NIFTI go together"):
         evaluate_data(tmp_path / "report", dicom=tmp_path / "study")
+
+
+def test_convert_writes_a_dicom_study_as_a_nifti_patient_that_reads_back_the_same(tmp_path, capsys):
+    from tumorseg.cli import main
+    from tumorseg.data.nifti import find_sequences, read_nifti_patient
+
+    study = Study()
+    flair, pre = _volume(0), _volume(1)
+    write_series(tmp_path / "in" / "a", flair, study=study, description="AX FLAIR", number=2)
+    write_series(tmp_path / "in" / "b", pre, study=study, description="AX T1", number=3)
+    assert main(["convert", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    (patient,) = read_dicom_patients(tmp_path / "in")
+    written = sorted(p.name for p in (tmp_path / "out" / patient.name).iterdir())
+    assert written == [f"{patient.name}_flair.nii.gz", f"{patient.name}_t1.nii.gz"]  # no T1c series: none written
+    back = read_nifti_patient(find_sequences(tmp_path / "out" / patient.name))
+    assert np.array_equal(back.volume, patient.volume) and np.allclose(back.grid.affine, patient.grid.affine)
+    assert "1 patients written to" in capsys.readouterr().out

@@ -277,9 +277,11 @@ def _parser_convert(sub) -> None:
                                    "{t1,flair,t1ce,seg}.nii.gz: the TIFF values unchanged (uint8), the mask as 0/1, "
                                    "LPS voxel order. The TIFFs carry no spacing: --spacing sets it. Given NIfTI "
                                    "patient folders instead, writes them as kaggle_3m folders of TIFF slices "
-                                   "(axial, in the training layout; values outside 0-255 scaled to 8 bits).")
+                                   "(axial, in the training layout; values outside 0-255 scaled to 8 bits). Given "
+                                   "DICOM folders, writes each study as a NIfTI patient on its FLAIR series' grid.")
     p.add_argument("inputs", nargs="+", metavar="PATIENT",
-                   help="kaggle_3m patient folders or a kaggle_3m folder; or NIfTI patient folders or a folder of them")
+                   help="kaggle_3m patient folders or a kaggle_3m folder; NIfTI patient folders or a folder of them; "
+                        "or folders of DICOM files")
     p.add_argument("--out", required=True, help="output folder (required)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="to NIfTI: mm between slices, rows and columns (default: 1.0 0.94 0.94, an assumption)")
@@ -346,7 +348,8 @@ def _cmd_convert(a: argparse.Namespace) -> int:
             print(f"{name}: {sum(not p.stem.endswith('_mask') for p in written)} slices")
     if done.to_nifti:
         sp = done.spacing
-        print(f"{len(done.patients)} patients written to {done.out}/ (spacing {sp[0]} x {sp[1]} x {sp[2]} mm)")
+        shown = f" (spacing {sp[0]} x {sp[1]} x {sp[2]} mm)" if sp else " (on each study's FLAIR grid)"
+        print(f"{len(done.patients)} patients written to {done.out}/{shown}")
     else:
         print(f"{len(done.patients)} patients written to {done.out}/ as kaggle_3m folders")
     return 0

@@ -1,5 +1,6 @@
-"""`tumorseg convert`: kaggle_3m patients to NIfTI, or NIfTI patients to kaggle_3m folders
-(`data.nifti.kaggle_to_nifti`, `data.nifti.nifti_to_kaggle`)."""
+"""`tumorseg convert`: kaggle_3m patients to NIfTI, NIfTI patients to kaggle_3m folders
+(`data.nifti.kaggle_to_nifti`, `data.nifti.nifti_to_kaggle`), or DICOM studies to NIfTI
+(`dicom_to_nifti`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tumorseg.config import CHANNELS
+from tumorseg.data.dicom import DicomPatient, find_dicom_sessions, is_dicom_input, read_session
 from tumorseg.data.kaggle import find_patient_dirs, is_patient_dir
-from tumorseg.data.nifti import DEFAULT_SPACING, find_nifti_patients, kaggle_to_nifti, nifti_to_kaggle
+from tumorseg.data.nifti import (
+    CONVERTED_NAMES,
+    DEFAULT_SPACING,
+    find_nifti_patients,
+    kaggle_to_nifti,
+    nifti_to_kaggle,
+    write_nifti,
+)
 from tumorseg.errors import TumorsegError
 from tumorseg.evaluation import check_spacing
 from tumorseg.fileio import check_output_dir
@@ -18,7 +28,7 @@ from tumorseg.fileio import check_output_dir
 class Converted:
     out: Path
     to_nifti: bool  # kaggle_3m -> NIfTI (else NIfTI -> kaggle_3m)
-    spacing: tuple[float, float, float]  # of the NIfTI written from TIFFs
+    spacing: tuple[float, float, float] | None  # of the NIfTI written from TIFFs (DICOM: their own)
     patients: list[tuple[str, list[Path]]]  # (patient, files written)
 
 
@@ -32,9 +42,12 @@ def convert(inputs: Sequence[str | Path], out: str | Path, spacing: Sequence[flo
     """
     checked = check_spacing(spacing) or DEFAULT_SPACING
     folder = check_output_dir(out)
-    kaggle, nifti = [], []
+    kaggle, nifti, dicom = [], [], []
     for raw in inputs:
         path = Path(raw)
+        if path.is_dir() and is_dicom_input(path):
+            dicom.append(path)
+            continue
         if not path.is_dir():
             raise TumorsegError(f"{path} is not a folder; pass kaggle_3m patient folders or a kaggle_3m folder, "
                                 "or NIfTI patient folders")
@@ -43,10 +56,35 @@ def convert(inputs: Sequence[str | Path], out: str | Path, spacing: Sequence[flo
             nifti += found
         else:
             kaggle += [path] if is_patient_dir(path) else find_patient_dirs(path)
-    if kaggle and nifti:
-        raise TumorsegError("the inputs mix kaggle_3m and NIfTI patients; convert one kind at a time")
+    if sum(map(bool, (kaggle, nifti, dicom))) > 1:
+        raise TumorsegError("the inputs mix kaggle_3m, NIfTI and DICOM patients; convert one kind at a time")
+    if dicom:
+        if spacing is not None:
+            raise TumorsegError("--spacing sets the spacing of NIfTI written from TIFFs; DICOM has its own, drop it")
+        done = [(p.name, files) for path in dicom for p, files in dicom_to_nifti(path, folder)]
+        return Converted(folder, True, None, done)
     if nifti and spacing is not None:
         raise TumorsegError("--spacing sets the spacing of NIfTI written from TIFFs; NIfTI to TIFF keeps none, drop it")
     if kaggle:
         return Converted(folder, True, checked, [(p.name, kaggle_to_nifti(p, folder, checked)) for p in kaggle])
     return Converted(folder, False, checked, [(f.name, nifti_to_kaggle(f, folder)) for f in nifti])
+
+
+def dicom_to_nifti(folder: Path, out: Path) -> list[tuple[DicomPatient, list[Path]]]:
+    """Write each DICOM study in `folder` as a NIfTI patient on its FLAIR series' grid:
+    `<out>/<study>/<study>_{t1,flair,t1ce}.nii.gz` (float32, rescaled values; T1/T1c
+    resampled onto the FLAIR grid where they lie on another), which `predict` and
+    `evaluate` read as any NIfTI patient.
+
+    Raises:
+        DataError: what reading the studies raises (see `data.dicom`).
+    """
+    import numpy as np
+
+    done = []
+    for name, study, wanted in find_dicom_sessions(folder):
+        patient = read_session(study, name, series=wanted)
+        files = [write_nifti(out / name / f"{name}_{CONVERTED_NAMES[c]}.nii.gz", patient.volume[..., i], patient.grid,
+                             np.float32) for i, c in enumerate(CHANNELS) if c not in patient.filled]
+        done.append((patient, files))
+    return done
