@@ -380,11 +380,16 @@ def test_no_flair_is_refused_listing_the_series(tmp_path):
     assert "no FLAIR series" in msg and '"AX T1 SE" number 5' in msg and "--flair-series" in msg
 
 
-def test_the_memory_limit_is_checked_before_pixel_data_is_read(tmp_path):
+def test_the_memory_limit_is_checked_before_pixel_data_is_read(tmp_path, monkeypatch):
     write_series(tmp_path, _volume(22), description="AX FLAIR", number=2)
     assert MAX_BYTES == 2 * 1024**3
     msg = _error(tmp_path, max_bytes=1000)
     assert 'series "AX FLAIR" (number 2) 12x10x6' in msg and "over the limit" in msg
+    assert "TUMORSEG_MAX_DICOM_GB" in msg
+    monkeypatch.setenv("TUMORSEG_MAX_DICOM_GB", "1e-6")  # about 1 kB: the same refusal from the environment
+    assert "over the limit of 0.00 GiB" in _error(tmp_path)
+    monkeypatch.setenv("TUMORSEG_MAX_DICOM_GB", "lots")
+    assert "TUMORSEG_MAX_DICOM_GB='lots' is not a positive number of GiB" in _error(tmp_path)
 
 
 def test_compressed_pixel_data_without_a_decoder_names_the_extra(tmp_path):

@@ -318,7 +318,7 @@ def test_shipped_rule_flags_the_patient_its_fold_model_got_wrong(real_cache):
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_model_file_without_a_rule_gives_features_but_no_flag(real_cache, tmp_path):
-    from tumorseg.calibration import member_probabilities, read_qc_rule
+    from tumorseg.calibration import read_qc_rule
     from tumorseg.checkpoint import store_qc_entry
     from tumorseg.inference import Predictor, default_checkpoint_path
 
@@ -330,9 +330,9 @@ def test_model_file_without_a_rule_gives_features_but_no_flag(real_cache, tmp_pa
     patient = min(real_cache.patients, key=lambda p: len(real_cache.records[p].slices))
     rec = real_cache.records[patient]
     images = np.asarray(real_cache.images(patient))
-    probs = member_probabilities(predictor, images, rec.low, rec.high)
-    assert probs.shape == (5, len(rec.slices), 256, 256)
     seg = predictor.segment(images, rec.low, rec.high)
+    probs = seg.member_probabilities()
+    assert probs.shape == (5, len(rec.slices), 256, 256)
     # the mean of the members' probabilities is the ensemble's (float16 rounding aside)
     assert np.abs(probs.astype(np.float32).mean(0) - seg.probabilities).max() < 2e-3
     f = patient_features(probs, seg.mask, predictor.inference)

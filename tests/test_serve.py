@@ -415,3 +415,45 @@ def test_work_dir_is_never_deleted_only_the_apps_own_folder(tmp_path):
         root = client.app.state.store.root
         assert root.parent == tmp_path and root.is_dir()
     assert keep.read_text() == "precious" and not root.exists()
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _dicom_study(folder: Path) -> None:
+    """Two series of one study in folders of their own, files without a suffix and with
+    the same names in both (as scanner exports write them)."""
+    from dicom_helpers import Study, write_series
+
+    study = Study()
+    flair = np.zeros((6, 16, 16), dtype=np.int64)
+    flair[2:4, 4:10, 5:11] = 1000
+    write_series(folder / "s1", flair, study=study, description="AX T2 FLAIR", number=3, names="ordered")
+    write_series(folder / "s2", flair // 2, study=study, description="AX T1", number=4, names="ordered")
+    for path in folder.rglob("*.dcm"):
+        path.rename(path.with_suffix(""))  # IM0001 ... in both folders
+
+
+def test_a_dicom_study_is_uploaded_as_files_or_as_a_zip_and_gives_a_seg(tmp_path):
+    from test_prediction import flair_predictor
+
+    _dicom_study(tmp_path / "study")
+    files = sorted(p for p in (tmp_path / "study").rglob("*") if p.is_file())
+    assert len({p.name for p in files}) == 6 < len(files)  # names repeat across the series
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in files:
+            zf.write(p, arcname=f"export/{p.relative_to(tmp_path / 'study')}")
+    with client_for(tmp_path, flair_predictor()) as client:
+        for sent in ([(p.name, p.read_bytes()) for p in files], [("export.zip", buf.getvalue())]):
+            r = upload(client, sent)
+            assert r.status_code == 202, r.text
+            body = wait(client, r.json()["id"])
+            assert body["status"] == "done", body
+            result = body["result"]
+            assert result["input"] == "dicom" and result["tumour_pixels"] == 2 * 6 * 6
+            assert result["download_name"].endswith("_seg.dcm")
+            mask = client.get(result["download"])
+            assert mask.status_code == 200 and mask.headers["content-type"] == "application/dicom"
+            assert mask.content[128:132] == b"DICM"
+            assert client.get(result["viewer"]["uncertain"]).status_code == 200

@@ -64,10 +64,11 @@ def fold_patients(members: list[Checkpoint], patients: Iterable[str]) -> dict[st
 
 
 def _predictor(ck: Checkpoint, *, device: str, engine: str) -> Predictor:
-    # Raw probabilities of one model, in fp32: threshold and post-processing are applied here.
+    # Raw probabilities of one model, in fp32 (with its own TTA setting): threshold and
+    # post-processing are applied here.
     chosen = choose_engine(engine, [ck], None, device=device, precision="fp32")
     return Predictor(engine=chosen, channels=ck.channels, percentiles=ck.percentiles,
-                     inference=InferenceConfig(threshold=0.5, postprocess="none", tta=False), source=ck.path)
+                     inference=InferenceConfig(threshold=0.5, postprocess="none", tta=ck.inference.tta), source=ck.path)
 
 
 def out_of_fold_probabilities(members: list[Checkpoint], cache: Cache, folder: Path, *, device: str = "cpu",

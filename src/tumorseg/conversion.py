@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tumorseg.config import CHANNELS
-from tumorseg.data.dicom import DicomPatient, find_dicom_sessions, is_dicom_input, read_session
+from tumorseg.data.dicom import find_dicom_sessions, is_dicom_input, read_session
 from tumorseg.data.kaggle import find_patient_dirs, is_patient_dir
 from tumorseg.data.nifti import (
     CONVERTED_NAMES,
@@ -61,7 +61,7 @@ def convert(inputs: Sequence[str | Path], out: str | Path, spacing: Sequence[flo
     if dicom:
         if spacing is not None:
             raise TumorsegError("--spacing sets the spacing of NIfTI written from TIFFs; DICOM has its own, drop it")
-        done = [(p.name, files) for path in dicom for p, files in dicom_to_nifti(path, folder)]
+        done = [item for path in dicom for item in dicom_to_nifti(path, folder)]
         return Converted(folder, True, None, done)
     if nifti and spacing is not None:
         raise TumorsegError("--spacing sets the spacing of NIfTI written from TIFFs; NIfTI to TIFF keeps none, drop it")
@@ -70,7 +70,7 @@ def convert(inputs: Sequence[str | Path], out: str | Path, spacing: Sequence[flo
     return Converted(folder, False, checked, [(f.name, nifti_to_kaggle(f, folder)) for f in nifti])
 
 
-def dicom_to_nifti(folder: Path, out: Path) -> list[tuple[DicomPatient, list[Path]]]:
+def dicom_to_nifti(folder: Path, out: Path) -> list[tuple[str, list[Path]]]:
     """Write each DICOM study in `folder` as a NIfTI patient on its FLAIR series' grid:
     `<out>/<study>/<study>_{t1,flair,t1ce}.nii.gz` (float32, rescaled values; T1/T1c
     resampled onto the FLAIR grid where they lie on another), which `predict` and
@@ -86,5 +86,6 @@ def dicom_to_nifti(folder: Path, out: Path) -> list[tuple[DicomPatient, list[Pat
         patient = read_session(study, name, series=wanted)
         files = [write_nifti(out / name / f"{name}_{CONVERTED_NAMES[c]}.nii.gz", patient.volume[..., i], patient.grid,
                              np.float32) for i, c in enumerate(CHANNELS) if c not in patient.filled]
-        done.append((patient, files))
+        done.append((name, files))
+        del patient
     return done

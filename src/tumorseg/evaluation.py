@@ -291,7 +291,7 @@ def score_volume(patient: str, pred: np.ndarray, truth: np.ndarray, images: np.n
     d, fp, empty = slice_scores(pred, truth)
     k = int(truth.reshape(len(truth), -1).sum(1).argmax())
     return ScoredPatient(s, d, fp, empty, mm,
-                         (s.dice, patient, slice_numbers[k], images[k], truth[k], pred[k]),
+                         (s.dice, patient, slice_numbers[k], images[k].copy(), truth[k].copy(), pred[k].copy()),
                          dict(extra))
 
 

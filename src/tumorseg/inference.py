@@ -14,6 +14,7 @@ member's probabilities too (float16), for the quality features of `tumorseg.qc`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from tumorseg.errors import CheckpointError, ConfigError
 from tumorseg.graphs import format_of, read_graph_info
 from tumorseg.postprocess import binarize, components
 from tumorseg.qc import QCRule
+
+log = logging.getLogger("tumorseg")
 
 BATCH_SIZE = 16  # slices per forward pass, unless the caller says otherwise
 Progress = Callable[[int, int], None]  # progress(slices done, slices in all)
@@ -84,10 +87,11 @@ class PatientResult:
         return int(self.mask.reshape(len(self.mask), -1).any(1).sum())
 
     def member_probabilities(self) -> np.ndarray:
-        """float32 (M, S, H, W): each model's probabilities (one model: the result's own)."""
+        """(M, S, H, W): each model's probabilities, float16 for an ensemble (no copy), the
+        result's own float32 ones (a view) for one model."""
         if self.members is None:
             return self.probabilities[None]
-        return self.members.astype(np.float32)
+        return self.members
 
 
 Segmentation = PatientResult  # the name of earlier versions
@@ -234,9 +238,7 @@ class Predictor:
                                       f"{ck.percentiles}, unlike {first.path}; an ensemble needs one input")
         inference = first.inference.replace(threshold=threshold, postprocess=postprocess, tta=tta)
         chosen = choose_engine(engine, checkpoints, None, device=device, precision=precision, variants=variants)
-        # A rule belongs to the weights of its file: an ensemble made of several files has none.
-        entry = read_qc_entry(paths[0]) if len(paths) == 1 and first.kind == "tumorseg" else None
-        rule = QCRule.from_dict(entry["rule"]) if entry and entry.get("rule") else None
+        rule = _qc_rule(paths, first, inference)
         trained = frozenset(p for ck in checkpoints for p in (ck.split or {}).get("train", []))
         return cls(engine=chosen, channels=first.channels, percentiles=first.percentiles, inference=inference,
                    batch_size=batch_size, source=", ".join(dict.fromkeys(ck.path for ck in checkpoints)),
@@ -330,8 +332,11 @@ class Predictor:
             shape = volume.native_shape
             probs = resample_slices(probs, shape)
             spread = resample_slices(spread, shape) if spread is not None else None
-            members = (np.stack([resample_slices(m.astype(np.float32), shape) for m in members]).astype(np.float16)
-                       if members is not None else None)
+            if members is not None:  # one model at a time: a single float32 copy in flight
+                native = np.empty((len(members), len(probs), *shape), dtype=np.float16)
+                for m, member in enumerate(members):
+                    native[m] = resample_slices(member.astype(np.float32), shape)
+                members = native
         result = self.finish(probs, spread, members)
         result.name = volume.name
         return result
@@ -340,6 +345,26 @@ class Predictor:
                members: np.ndarray | None = None) -> PatientResult:
         """Threshold and post-process probabilities float32 (S, H, W) as configured."""
         return finish(probabilities, self.inference, spread, members)
+
+
+def _qc_rule(paths: list[Path], first: Checkpoint, inference: InferenceConfig) -> QCRule | None:
+    """The quality rule stored with these weights, if it was calibrated for `inference`.
+    A rule belongs to the weights of its file (several files make an ensemble without
+    one) and to the threshold, post-processing and TTA it was calibrated with: under
+    other settings the results carry the features without a flag, and a warning says so."""
+    entry = read_qc_entry(paths[0]) if len(paths) == 1 and first.kind == "tumorseg" else None
+    if not entry or not entry.get("rule"):
+        return None
+    calibrated = ((entry.get("calibration") or {}).get("inference"))
+    if calibrated is not None and InferenceConfig.from_dict(calibrated) != inference:
+        log.warning(f"the quality flag of {paths[0].name} was calibrated for {_setting(calibrated)}, not "
+                    f"{_setting(inference.to_dict())}: results carry the quality features without a flag")
+        return None
+    return QCRule.from_dict(entry["rule"])
+
+
+def _setting(d: dict[str, Any]) -> str:
+    return f"threshold {d.get('threshold')}, {d.get('postprocess')}{', TTA' if d.get('tta') else ''}"
 
 
 def _arrays(pred: Prediction) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

@@ -137,7 +137,7 @@ def member_features(probs: np.ndarray, inference: InferenceConfig,
     p = _volume(probs, "one model's probabilities")
     voxel_ml = _voxel_ml(spacing)
     if p.dtype != np.float32 and p.dtype != np.float64:
-        p = p.astype(np.float32)
+        p = p.astype(np.float32, copy=False)
     slices = p.shape[0]
     above = p > inference.threshold
     ambiguous = int(np.count_nonzero((p > AMBIGUOUS[0]) & (p < AMBIGUOUS[1])))
@@ -201,7 +201,7 @@ def patient_features(member_probs: np.ndarray, final_mask: np.ndarray, inference
     per_member = []
     where = np.zeros(mask.shape, dtype=bool)  # some model says more than DISAGREEMENT_FLOOR
     for m in range(probs.shape[0]):
-        p = probs[m].astype(np.float32)  # once per model: float16 arithmetic is slow
+        p = probs[m].astype(np.float32, copy=False)  # once per model: float16 arithmetic is slow
         per_member.append(member_features(p, inference, spacing))
         where |= p > DISAGREEMENT_FLOOR
     averaged = {k: _nanmean([f[k] for f in per_member]) for k in per_member[0]}

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.data.inputs import InputVolume
-from tumorseg.data.nifti import write_nifti
+from tumorseg.data.nifti import resample_slices, write_nifti
 from tumorseg.data.slices import write_image, write_mask
 from tumorseg.errors import DataError
 from tumorseg.fileio import atomic_write_text, prepare_output_dir
@@ -126,9 +126,7 @@ def write_nifti_result(out: Path, volume: InputVolume, result: PatientResult, *,
             written.append(write_nifti(vdir / f"{name}_prob_spread.nii.gz", result.spread, volume.grid, np.float32))
     if overlay:
         images = volume.images
-        if images.shape[1:3] != result.mask.shape[1:]:  # resampled for the model: show the model's view
-            from tumorseg.data.nifti import resample_slices
-
+        if images.shape[1:3] != result.mask.shape[1:]:  # resampled for the model: back to the input's grid
             images = resample_slices(images, result.mask.shape[1:])
         for i in np.flatnonzero(result.mask.reshape(len(result.mask), -1).any(1)):
             written.append(write_image(vdir / f"{name}_{i + 1}_overlay.png", make_overlay(images[i], result.mask[i])))
@@ -144,8 +142,12 @@ def write_dicom_result(out: Path, volume: InputVolume, result: PatientResult, *,
 
     written = write_nifti_result(out, volume, result, overlay=overlay, probabilities=probabilities)
     qc = {k: v for k, v in result.qc.items() if k in ("qc", "qc_score", "qc_reason")} or None
-    written.append(write_patient_seg(out / volume.name / f"{volume.name}_seg.dcm", volume.source, result.mask,
-                                     qc=qc))
+    seg = out / volume.name / f"{volume.name}_seg.dcm"
+    try:
+        written.append(write_patient_seg(seg, volume.source, result.mask, qc=qc))
+    except (ValueError, AttributeError, TypeError, KeyError) as e:  # highdicom refuses headers it cannot use
+        raise DataError(f"{volume.name}: cannot build a DICOM SEG from the FLAIR series' headers "
+                        f"({type(e).__name__}: {str(e)[:160]}); the NIfTI mask is in {written[0]}") from e
     return written
 
 

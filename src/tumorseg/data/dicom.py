@@ -54,6 +54,7 @@ from tumorseg.errors import DataError
 log = logging.getLogger("tumorseg")
 
 MAX_BYTES = 2 * 1024**3  # default limit on the float32 voxels of the series of one patient
+MAX_BYTES_ENV = "TUMORSEG_MAX_DICOM_GB"  # overrides MAX_BYTES (GiB)
 ROLES = ("FLAIR", "T1", "T1c")  # keys of `series=`
 ROLE_CHANNELS = {"T1": "pre-contrast", "FLAIR": "FLAIR", "T1c": "post-contrast"}
 OVERRIDE_OPTIONS = {"FLAIR": "--flair-series", "T1": "--t1-series", "T1c": "--t1c-series"}
@@ -570,22 +571,45 @@ def _grid(stack: Stack) -> Grid:
                 to_model=to_model, spacing=(spacing[0], spacing[1], spacing[2]))
 
 
-def check_memory(stacks: Sequence[Stack], max_bytes: int) -> None:
-    """Refuse, before any pixel data is read, series whose float32 voxels exceed `max_bytes`.
+def dicom_max_bytes(max_bytes: int | None = None) -> int:
+    """The limit on one study's float32 voxels: `max_bytes`, else $TUMORSEG_MAX_DICOM_GB
+    (GiB), else MAX_BYTES.
+
+    Raises:
+        DataError: $TUMORSEG_MAX_DICOM_GB is not a positive number.
+    """
+    if max_bytes is not None:
+        return int(max_bytes)
+    value = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not value:
+        return MAX_BYTES
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = float("nan")
+    if not (np.isfinite(gb) and gb > 0):
+        raise DataError(f"{MAX_BYTES_ENV}={value!r} is not a positive number of GiB")
+    return int(gb * 2**30)
+
+
+def check_memory(stacks: Sequence[Stack], max_bytes: int | None = None) -> None:
+    """Refuse, before any pixel data is read, series whose float32 voxels exceed the
+    limit (`dicom_max_bytes`).
 
     Raises:
         DataError: naming the series and their size.
     """
+    max_bytes = dicom_max_bytes(max_bytes)
     sizes = [(s, int(np.prod(s.shape)) * 4) for s in stacks]
     total = sum(n for _, n in sizes)
     if total > max_bytes:
         listing = ", ".join(f"{s.series.label} {s.shape[1]}x{s.shape[0]}x{s.shape[2]}" for s, _ in sizes)
         raise DataError(f"{listing}: {total / 2**30:.2f} GiB as float32, over the limit of {max_bytes / 2**30:.2f} "
-                        "GiB; pick smaller series or raise the limit (max_bytes)")
+                        f"GiB; pick smaller series (--flair-series ...) or raise the limit with {MAX_BYTES_ENV}=N")
 
 
 def read_session(study: Mapping[str, Series], name: str, *, series: Mapping[str, str] | None = None,
-                 max_bytes: int = MAX_BYTES) -> DicomPatient:
+                 max_bytes: int | None = None) -> DicomPatient:
     """Read one session (the series of one patient's study) into a `DicomPatient`.
 
     Raises:
@@ -678,14 +702,15 @@ def find_dicom_sessions(path: str | Path, *,
 
 
 def read_dicom_patients(path: str | Path, *, series: Mapping[str, str] | None = None,
-                        max_bytes: int = MAX_BYTES) -> list[DicomPatient]:
+                        max_bytes: int | None = None) -> list[DicomPatient]:
     """The DICOM patients under `path` (a folder at any depth, a DICOMDIR or one file):
     one per (PatientID, StudyInstanceUID) session, sorted by name.
 
     Args:
         series: {"FLAIR": uid, "T1": uid, "T1c": uid} (any subset): series picked by
             SeriesInstanceUID instead of by description, in the session that holds them.
-        max_bytes: limit on the float32 voxels of the series read for one patient.
+        max_bytes: limit on the float32 voxels of the series read for one patient
+            (default: `dicom_max_bytes`).
 
     Raises:
         DataError: see `find_dicom_sessions` and `read_session` (never naming the patient).

@@ -58,8 +58,8 @@ def is_dicom_file(path: str | Path) -> bool:
 
 def input_kind(path: str | PurePath) -> str:
     """'slice', 'nifti', 'zip', 'dicom', or '' (not an input format) for a file name or
-    path. A name without a suffix is 'dicom' when it is an existing file with the DICOM
-    marker (DICOM series are often stored so), else ''."""
+    path. A name of no known suffix is 'dicom' when it is an existing file with the DICOM
+    marker (DICOM series are often stored without a suffix or named by UID), else ''."""
     name = PurePath(path).name
     suffix = suffix_of(name)
     if is_nifti(name):
@@ -70,7 +70,9 @@ def input_kind(path: str | PurePath) -> str:
         return "zip"
     if suffix in DICOM_SUFFIXES:
         return "dicom"
-    if not suffix and Path(path).is_file() and is_dicom_file(path):
+    # DICOM files are often named without a suffix, or by their UID (1.2.840....): an
+    # existing file with the DICOM marker is DICOM whatever its name.
+    if Path(path).is_file() and is_dicom_file(path):
         return "dicom"
     return ""
 

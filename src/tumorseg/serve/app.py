@@ -215,12 +215,12 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, work_dir
     async def status(job_id: str) -> dict[str, Any]:
         return job_or_404(job_id).to_json()
 
-    @app.get("/api/jobs/{job_id}/mask", summary="The predicted mask (NIfTI, or a zip of PNG slices)")
+    @app.get("/api/jobs/{job_id}/mask", summary="The predicted mask (NIfTI, DICOM SEG, or a zip of PNG slices)")
     async def mask(job_id: str) -> FileResponse:
         job = job_or_404(job_id)
         if job.status != "done" or job.download is None:
             raise HTTPException(409, f"the job is {job.status}; the mask is ready when its status is done")
-        media = "application/zip" if job.download.suffix == ".zip" else "application/gzip"
+        media = {".zip": "application/zip", ".dcm": "application/dicom"}.get(job.download.suffix, "application/gzip")
         return FileResponse(job.download, media_type=media, filename=job.download.name)
 
     @app.get("/api/jobs/{job_id}/files/{name}", summary="A volume for the viewer")

@@ -52,6 +52,7 @@ from tumorseg.serve.uploads import (
     UploadError,
     check_decoded_size,
     check_kinds,
+    dicom_name,
     patient_folder_name,
     safe_name,
     unpack_zip,
@@ -171,15 +172,25 @@ class JobStore:
         if len(uploads) > self.config.max_files:
             raise UploadError(413, f"{len(uploads)} files uploaded; at most {self.config.max_files} are accepted")
         names = [safe_name(name) for name, _ in uploads]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise UploadError(422, f"two files named {repeated[0]}")
-        kind = check_kinds(names)
         staging = job.folder / "upload"
         staging.mkdir()
-        for name, (_, stream) in zip(names, uploads, strict=True):
-            with (staging / name).open("wb") as out:
+        # Written under their index first: DICOM files are told by their content (many have
+        # no suffix), and the files of several series may share a name (IM0001).
+        written = []
+        for i, (name, (_, stream)) in enumerate(zip(names, uploads, strict=True)):
+            path = staging / f"{i:05d}_{name}"
+            with path.open("wb") as out:
                 shutil.copyfileobj(stream, out, 1 << 20)
+            written.append(path)
+        kind = check_kinds(written)
+        if kind == "dicom":
+            names = [dicom_name(i) for i in range(len(written))]
+        else:
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise UploadError(422, f"two files named {repeated[0]}")
+        for path, name in zip(written, names, strict=True):
+            path.replace(staging / name)
         fallback = "patient"
         if kind == "zip":
             archive = staging / names[0]
@@ -187,7 +198,7 @@ class JobStore:
             unpacked = staging / "unpacked"
             unpacked.mkdir()
             names = unpack_zip(archive, unpacked, self.limits)
-            kind = check_kinds(names)
+            kind = check_kinds([unpacked / n for n in names])
             staging = unpacked
         patient = patient_folder_name(names, fallback)
         folder = job.folder / "input" / patient

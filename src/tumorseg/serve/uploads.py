@@ -85,9 +85,16 @@ def _clean(name: str, fallback: str) -> str:
     return name[:100] if name else fallback
 
 
-def check_kinds(names: list[str]) -> str:
-    """The kind of a set of uploaded files: 'zip' (one zip alone), 'nifti', 'slice' or
-    'dicom' (`data.formats.check_input_kinds`).
+def dicom_name(index: int) -> str:
+    """The name a DICOM file of an upload is stored under: its files are told by content,
+    and the files of several series (or folders of a zip) often share names."""
+    return f"dicom{index:05d}.dcm"
+
+
+def check_kinds(names: list[str] | list[Path]) -> str:
+    """The kind of a set of uploaded files (names, or paths of the files as written, so
+    that DICOM files without a suffix are told by content): 'zip' (one zip alone),
+    'nifti', 'slice' or 'dicom' (`data.formats.check_input_kinds`).
 
     Raises:
         UploadError (422): no files, unsupported files, or kinds mixed.
@@ -166,8 +173,13 @@ def unpack_zip(archive: Path, dest: Path, limits: Limits) -> list[str]:
                                        "accepted")
             if info.is_dir() or not parts or parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
                 continue
-            if kind_of(parts[-1]) in ("", "zip") and not _dicom_entry(zf, info):
+            dicom = kind_of(parts[-1]) == "dicom" or _dicom_entry(zf, info)
+            if kind_of(parts[-1]) in ("", "zip") and not dicom:
                 continue  # README, data.csv and other strays, as in a kaggle_3m folder
+            if dicom:  # a study's series often lie in folders of their own, with names repeated
+                budget = _copy_member(zf, info, dest / dicom_name(len(names)), budget, archive.name, limits)
+                names.append(dicom_name(len(names)))
+                continue
             name = safe_name(parts[-1])
             folders.add("/".join(parts[:-1]))
             if len(folders) > 1:
@@ -201,7 +213,7 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budge
 def _dicom_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
     """An entry without a suffix that holds a DICOM file (the "DICM" marker at byte 128):
     exports from scanners often name their files so."""
-    if "." in PurePosixPath(info.filename).name or info.file_size < 132:
+    if info.file_size < 132 or "." in PurePosixPath(info.filename).name and kind_of(info.filename) != "":
         return False
     try:
         with zf.open(info) as f:

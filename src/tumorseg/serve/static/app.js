@@ -5,6 +5,9 @@ const POLL_MS = 500;
 const MAX_POLL_FAILURES = 6; // consecutive network failures before giving up
 const TRUTH_OPACITY = 0.5;
 const ACCEPTED = /\.(zip|tiff?|png|nii|nii\.gz|dcm)$/i;
+// DICOM files often have no suffix, or are named by their UID (1.2.840...): the server
+// tells them by their content.
+const MAYBE_DICOM = /^[^.]+$|^[0-9.]+$/;
 const UNCERTAIN_OPACITY = 0.6;
 const MAX_FOLDER_FILES = 2000;
 
@@ -126,9 +129,9 @@ function renderSelection() {
     const name = document.createElement("span");
     name.className = "file-name";
     name.textContent = f.name;
-    if (!ACCEPTED.test(f.name)) {
+    if (!ACCEPTED.test(f.name) && !MAYBE_DICOM.test(f.name)) {
       name.classList.add("unexpected");
-      name.title = "Not a .zip, .tif, .tiff, .png, .nii or .nii.gz file";
+      name.title = "Not a .zip, .tif, .tiff, .png, .nii, .nii.gz or .dcm file";
     }
     const size = document.createElement("span");
     size.className = "file-size";
@@ -175,7 +178,7 @@ async function filesFromDataTransfer(dt) {
     if (entry.isFile) {
       const f = await fileOf(entry);
       // inside folders keep only files the server can use; skip e.g. .DS_Store
-      if (depth === 0 || ACCEPTED.test(f.name)) out.push(f);
+      if (depth === 0 || ACCEPTED.test(f.name) || MAYBE_DICOM.test(f.name)) out.push(f);
     } else if (entry.isDirectory && depth < 4) {
       const children = await readAll(entry);
       children.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
