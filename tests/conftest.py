@@ -69,8 +69,8 @@ def real_data() -> Path:
     if path is None or not path.is_dir():
         where = f" ({value} does not exist)" if value else ""
         _missing(
-            "real LGG data not found: set TUMORSEG_TEST_DATA to a restored kaggle_3m folder "
-            f"(python ../shared/data/lgg/restore.py DIR){where}"
+            "real LGG data not found: set TUMORSEG_TEST_DATA to the kaggle_3m folder of the Kaggle data set "
+            f"lgg-mri-segmentation{where}"
         )
     return path
 
@@ -95,7 +95,7 @@ def seed_checkpoint() -> Path:
     if not path.is_file():
         _missing(
             f"original checkpoint not found at {path}: set TUMORSEG_SEED_CHECKPOINT to the "
-            "published unet.pt (../shared/seed/unet.pt beside the project)"
+            "published unet.pt of the original implementation"
         )
     return path
 
