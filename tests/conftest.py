@@ -46,8 +46,20 @@ def _measurements_cache(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _threads_per_worker():
+    """Under pytest-xdist (`-n N`) the workers share the cores: each gets its share of
+    PyTorch's (and so the engines') threads, so that N workers do not oversubscribe."""
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    yield
+
+
 @pytest.fixture(autouse=True)
-def _torch_threads():
+def _torch_threads(_threads_per_worker):
     """Commands given --threads set PyTorch's thread count for the process; later tests
     get the count back."""
     import torch
@@ -79,10 +91,17 @@ def real_data() -> Path:
 def real_cache(real_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """`open_data` on the real raw folder, once per session. The cache goes to
     $TUMORSEG_TEST_CACHE (reused across sessions) or a temporary folder."""
+    from filelock import FileLock
+
     from tumorseg.data import open_data
 
-    base = os.environ.get("TUMORSEG_TEST_CACHE") or str(tmp_path_factory.mktemp("real-cache"))
-    with pytest.MonkeyPatch.context() as mp:
+    # Under pytest-xdist every worker runs this fixture: they share one cache folder (the
+    # base temporary folder of the whole run), built by the first under a lock.
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    base = os.environ.get("TUMORSEG_TEST_CACHE") or str(
+        shared / "real-cache" if shared else tmp_path_factory.mktemp("real-cache"))
+    Path(base).mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp, FileLock(str(Path(base) / ".tests.lock")):
         mp.setenv("TUMORSEG_CACHE", base)
         return open_data(real_data, progress=False)
 

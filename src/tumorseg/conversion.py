@@ -56,8 +56,9 @@ def convert(inputs: Sequence[str | Path], out: str | Path, spacing: Sequence[flo
             nifti += found
         else:
             kaggle += [path] if is_patient_dir(path) else find_patient_dirs(path)
-    if sum(map(bool, (kaggle, nifti, dicom))) > 1:
-        raise TumorsegError("the inputs mix kaggle_3m, NIfTI and DICOM patients; convert one kind at a time")
+    kinds = [name for name, found in (("kaggle_3m", kaggle), ("NIfTI", nifti), ("DICOM", dicom)) if found]
+    if len(kinds) > 1:
+        raise TumorsegError(f"the inputs mix {' and '.join(kinds)} patients; convert one kind at a time")
     if dicom:
         if spacing is not None:
             raise TumorsegError("--spacing sets the spacing of NIfTI written from TIFFs; DICOM has its own, drop it")
