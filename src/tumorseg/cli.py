@@ -26,6 +26,7 @@ from tumorseg.config import (
 from tumorseg.errors import TumorsegError
 from tumorseg.export import CALIBRATION_SLICES, FORMATS
 from tumorseg.inference import BATCH_SIZE, Predictor
+from tumorseg.runs import RunDir, TrainingDir
 from tumorseg.runtime import DEVICE_HELP
 
 
@@ -310,8 +311,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                        help=f"DICOM: the SeriesInstanceUID of the {role} series, where the series descriptions "
                             "are ambiguous (default: chosen by SeriesDescription/ProtocolName)")
     p.add_argument("--no-resample", action="store_true",
-                   help="refuse T1/T1c on another grid than the FLAIR's instead of resampling them onto it "
-                        "(default: resample, linear, through the affines; motion between sequences is not corrected)")
+                   help="NIfTI: refuse T1/T1c on another grid than the FLAIR's instead of resampling them onto it "
+                        "(default: resample, linear, through the affines; motion between sequences is not corrected; "
+                        "DICOM series are always resampled)")
 
 
 SERIES_OPTIONS = {"FLAIR": "flair-series", "T1": "t1-series", "T1c": "t1c-series"}
@@ -388,13 +390,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return 130 if result.interrupted else 0
     if result.interrupted:
         saved = "stopped at once: nothing saved since the last epoch's" if result.at_once else "interrupted: saved"
-        print(f"{saved} {run_dir / 'last.pt'}; continue with `tumorseg train --resume {run_dir}`", file=sys.stderr)
+        print(f"{saved} {TrainingDir(run_dir).last}; continue with `tumorseg train --resume {run_dir}`", file=sys.stderr)
         return 130
     if not result.best_epoch:
-        print(f"done: {result.epochs_done} epochs on every non-test patient ({run_dir / 'last.pt'})")
+        print(f"done: {result.epochs_done} epochs on every non-test patient ({TrainingDir(run_dir).last})")
         return 0
     print(f"done: {result.epochs_done} epochs; best validation per-patient Dice mean "
-          f"{result.best_dice:.4f} at epoch {result.best_epoch} ({run_dir / 'best.pt'})")
+          f"{result.best_dice:.4f} at epoch {result.best_epoch} ({TrainingDir(run_dir).best})")
     return 0
 
 
@@ -414,7 +416,7 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
     report = crossval(cfg, a.data, a.out, device=a.device, precision=cfg.precision, show_progress=not a.no_progress,
                       only_fold=only)
     if only is not None and report is not None:
-        print(f"fold {only} trained ({Path(a.out) / f'fold_{only}'}); when every fold is done, run the same command "
+        print(f"fold {only} trained ({RunDir(Path(a.out)).fold(only).root}); when every fold is done, run the same command "
               "without --fold for the out-of-fold report")
         return 0
     if report is None:
@@ -427,7 +429,7 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
           "chosen on these predictions")
     for f in report["folds"]:
         print(f"  fold {f['fold']}: {f['patients']} patients, mean {f['dice_mean']:.4f} median {f['dice_median']:.4f}")
-    print(f"report: {Path(a.out) / 'crossval' / 'report.json'}")
+    print(f"report: {RunDir(Path(a.out)).report}")
     return 0
 
 

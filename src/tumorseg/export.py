@@ -62,7 +62,6 @@ def calibration_batches(data: str | Path, checkpoints: list[Checkpoint], slices:
     return out, info
 
 
-
 def export_model(source: str | Path, dst: str | Path, *, fmt: str | None = None, int8: bool = False,
                  calibration: str | Path | None = None, calibration_slices: int = CALIBRATION_SLICES,
                  threshold: float | None = None, postprocess: str | None = None, progress: bool = True) -> list[Path]:

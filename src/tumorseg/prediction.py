@@ -113,8 +113,10 @@ def predict(
     are handled (`data.inputs.find_inputs`).
 
     Raises:
-        TumorsegError: bad inputs, settings or checkpoint, or an unusable out_dir; checked
-            before any prediction runs.
+        TumorsegError: bad inputs (paths, formats, names), settings or checkpoint, or an
+            unusable out_dir, checked before any prediction runs; a patient whose files
+            cannot be read stops the run at that patient with its one-line error, the
+            rows of the patients before it kept in the summary.
     """
     check_model_arguments(predictor, checkpoint=checkpoint, threshold=threshold, postprocess=postprocess, tta=tta)
     refs = find_inputs(inputs, dicom_series=dicom_series, resample=resample)
