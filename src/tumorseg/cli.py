@@ -390,7 +390,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return 130 if result.interrupted else 0
     if result.interrupted:
         saved = "stopped at once: nothing saved since the last epoch's" if result.at_once else "interrupted: saved"
-        print(f"{saved} {TrainingDir(run_dir).last}; continue with `tumorseg train --resume {run_dir}`", file=sys.stderr)
+        print(f"{saved} {TrainingDir(run_dir).last}; continue with `tumorseg train --resume {run_dir}`",
+              file=sys.stderr)
         return 130
     if not result.best_epoch:
         print(f"done: {result.epochs_done} epochs on every non-test patient ({TrainingDir(run_dir).last})")
@@ -416,8 +417,8 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
     report = crossval(cfg, a.data, a.out, device=a.device, precision=cfg.precision, show_progress=not a.no_progress,
                       only_fold=only)
     if only is not None and report is not None:
-        print(f"fold {only} trained ({RunDir(Path(a.out)).fold(only).root}); when every fold is done, run the same command "
-              "without --fold for the out-of-fold report")
+        print(f"fold {only} trained ({RunDir(Path(a.out)).fold(only).root}); when every fold is done, run the same "
+              "command without --fold for the out-of-fold report")
         return 0
     if report is None:
         print(f"interrupted; continue with the same command (`tumorseg crossval ... --out {a.out}`)",
