@@ -37,8 +37,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _measurements_cache(tmp_path_factory: pytest.TempPathFactory):
     """Measured precision/engine choices go to a folder of this test session, never to the
     user's cache; a test run launched from inside a torchrun job does not join it."""
+    # pytest-xdist workers share the folder (the base temporary folder of the whole run), so
+    # that a model's engines are measured once per run, not once per worker.
+    shared = tmp_path_factory.getbasetemp().parent / "measured" if os.environ.get("PYTEST_XDIST_WORKER") else None
+    if shared is not None:
+        shared.mkdir(parents=True, exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUMORSEG_CACHE_DIR", str(tmp_path_factory.mktemp("measured")))
+        mp.setenv("TUMORSEG_CACHE_DIR", str(shared or tmp_path_factory.mktemp("measured")))
         for name in list(os.environ):
             if name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") or \
                     name.startswith("TORCHELASTIC_"):

@@ -192,7 +192,7 @@ def test_an_ensemble_needs_one_input_convention(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_model_is_the_default(tmp_path):
-    p = Predictor.from_checkpoints(device="cpu", precision="fp32")
+    p = Predictor.from_checkpoints(device="cpu", precision="fp32", engine="torch")  # the engine choice: test_cli
     assert p.source.endswith("tumorseg_lgg.pt") and p.inference.postprocess == "lcc"
     assert p.members == 5
 
