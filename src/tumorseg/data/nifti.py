@@ -86,7 +86,6 @@ SEQUENCE_WORDS: dict[str, tuple[str, ...]] = {
     "post-contrast": ("t1ce", "t1gd", "t1c"),
     "label": ("seg", "mask", "label"),
 }
-IGNORED_WORDS = ("t2", "t2w")
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -632,11 +631,6 @@ def write_nifti(path: str | Path, array: np.ndarray, grid: Grid, dtype: type = n
     path = Path(path)
     payload = gzip.compress(raw, compresslevel=6) if path.name.lower().endswith(".gz") else raw
     return atomic_write(path, lambda f: f.write(payload))
-
-
-def nifti_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """The NIfTI files among `paths`."""
-    return [Path(p) for p in paths if is_nifti(p)]
 
 
 # ---------------------------------------------------------------------- kaggle_3m -> NIfTI
