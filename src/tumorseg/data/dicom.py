@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.config import CHANNELS
-from tumorseg.data.nifti import MODEL_AXES, Grid, NiftiPatient, to_input_order
+from tumorseg.data.formats import is_dicom_file
+from tumorseg.data.nifti import MODEL_AXES, Grid, NiftiPatient, bytes_limit, to_input_order
 from tumorseg.data.normalization import fill_missing_sequences
 from tumorseg.data.resample import resample_to_grid
 from tumorseg.errors import DataError
@@ -197,14 +198,7 @@ def _float_or_none(value) -> float | None:
         return None
 
 
-def has_dicom_preamble(path: str | Path) -> bool:
-    """Whether `path` is a file with "DICM" at byte 128 (a DICOM Part 10 file)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+has_dicom_preamble = is_dicom_file  # "DICM" at byte 128: a DICOM Part 10 file (`data.formats`)
 
 
 def _candidate_files(folder: Path):
@@ -578,18 +572,8 @@ def dicom_max_bytes(max_bytes: int | None = None) -> int:
     Raises:
         DataError: $TUMORSEG_MAX_DICOM_GB is not a positive number.
     """
-    if max_bytes is not None:
-        return int(max_bytes)
-    value = os.environ.get(MAX_BYTES_ENV, "").strip()
-    if not value:
-        return MAX_BYTES
-    try:
-        gb = float(value)
-    except ValueError:
-        gb = float("nan")
-    if not (np.isfinite(gb) and gb > 0):
-        raise DataError(f"{MAX_BYTES_ENV}={value!r} is not a positive number of GiB")
-    return int(gb * 2**30)
+    return bytes_limit(max_bytes, MAX_BYTES_ENV, MAX_BYTES,
+                       lambda value: DataError(f"{MAX_BYTES_ENV}={value!r} is not a positive number of GiB"))
 
 
 def check_memory(stacks: Sequence[Stack], max_bytes: int | None = None) -> None:

@@ -62,7 +62,7 @@ import logging
 import os
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,17 +211,28 @@ def max_volume_bytes(max_bytes: int | None = None) -> int:
     Raises:
         ConfigError: TUMORSEG_MAX_VOLUME_GB is not a positive number.
     """
+    return bytes_limit(max_bytes, MAX_VOLUME_ENV, MAX_VOLUME_BYTES,
+                       lambda value: ConfigError(f"{MAX_VOLUME_ENV} must be a positive number of GB, got {value!r}"))
+
+
+def bytes_limit(max_bytes: int | None, env: str, default: int, error: Callable[[str], Exception]) -> int:
+    """A memory limit in bytes: `max_bytes` when given, else the environment variable
+    `env` (GiB) when set, else `default`.
+
+    Raises:
+        `error(value)`: the variable is not a positive number.
+    """
     if max_bytes is not None:
         return int(max_bytes)
-    value = os.environ.get(MAX_VOLUME_ENV, "").strip()
+    value = os.environ.get(env, "").strip()
     if not value:
-        return MAX_VOLUME_BYTES
+        return default
     try:
         gb = float(value)
     except ValueError:
         gb = float("nan")
     if not (np.isfinite(gb) and gb > 0):
-        raise ConfigError(f"{MAX_VOLUME_ENV} must be a positive number of GB, got {value!r}")
+        raise error(value)
     return int(gb * 2**30)
 
 
