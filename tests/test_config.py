@@ -156,7 +156,11 @@ def test_replace_config_coerces(overrides, expected):
         ({"lr": "fast"}, "config field 'lr': cannot use 'fast' (could not convert string to float: 'fast')"),
         ({"learning_rate": 1, "bogus": 2}, f"unknown config field(s): bogus, learning_rate; known: {KNOWN_FIELDS}"),
         ({"tta": True}, f"unknown config field(s): tta; known: {KNOWN_FIELDS}"),
-        ({"channels": "T2"}, "unknown channel 'T2'; choose from pre-contrast, FLAIR, post-contrast"),
+        ({"channels": "T2"}, "unknown channel 'T2'; choose from pre-contrast, FLAIR, post-contrast, optionally "
+                             "with a neighbouring-slice offset such as FLAIR-1 or FLAIR+1"),
+        ({"channels": "FLAIR,FLAIR+x"}, "unknown channel 'FLAIR+x'; choose from pre-contrast, FLAIR, "
+                                        "post-contrast, optionally with a neighbouring-slice offset such as "
+                                        "FLAIR-1 or FLAIR+1"),
         ({"channels": "FLAIR,flair"}, "channel 'flair' given twice"),
         ({"channels": ""}, "at least one channel is needed"),
         ({"features": "16,32"}, "features must list one width per level (5), got (16, 32)"),

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from tumorseg.errors import TumorsegError
 from tumorseg.metrics import (
     Counts,
     confusion_counts,
@@ -205,3 +206,31 @@ def test_hd95_refuses_spacing_that_is_not_one_positive_step_per_axis(spacing):
     m = np.zeros((2, 4, 4), dtype=bool)
     with pytest.raises(ValueError, match="spacing must give one positive step per axis"):
         hd95(m, m, spacing)
+
+
+def test_paired_comparison_by_hand():
+    from tumorseg.metrics import paired_comparison
+
+    base = {"a": 0.9, "b": 0.5, "c": 0.8, "d": 0.6, "e": 0.7, "f": 0.95}
+    cand = {"a": 0.92, "b": 0.6, "c": 0.85, "d": 0.61, "e": 0.7, "f": 0.97}
+    r = paired_comparison(base, cand, resamples=2000)
+    assert r["patients"] == 6
+    assert r["mean_difference"] == pytest.approx((0.02 + 0.1 + 0.05 + 0.01 + 0 + 0.02) / 6)
+    assert r["median"] == {"baseline": pytest.approx(0.75), "candidate": pytest.approx(0.775)}
+    assert (r["better"], r["worse"], r["same"]) == (5, 0, 1)
+    assert r["sign_test_p"] == pytest.approx(2 * 0.5**5)  # 5 of 5 better: two-sided binomial
+    lo, hi = r["bootstrap_ci95"]
+    assert 0 <= lo < r["mean_difference"] < hi <= 0.1  # resampled means lie between the extremes
+    assert r["below"] == {"baseline": ["b", "d"], "candidate": ["b", "d"]}
+    assert [p["patient"] for p in r["per_patient"]] == list("abcdef")
+    same = paired_comparison(base, base)
+    assert same["bootstrap_ci95"] == [0.0, 0.0] and same["sign_test_p"] == 1.0 and same["same"] == 6
+
+
+def test_paired_comparison_refuses_different_patients():
+    from tumorseg.metrics import paired_comparison
+
+    with pytest.raises(TumorsegError, match=r"different patients \(2 in one only, e.g. x, y\)"):
+        paired_comparison({"a": 1.0, "x": 0.5}, {"a": 1.0, "y": 0.5})
+    with pytest.raises(TumorsegError, match="no patients"):
+        paired_comparison({}, {})

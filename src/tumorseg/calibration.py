@@ -31,13 +31,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tumorseg.checkpoint import Checkpoint, load_members, read_qc_entry, store_qc_entry, weights_digest
-from tumorseg.config import NORM_PERCENTILES, InferenceConfig
+from tumorseg.config import InferenceConfig
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.engines import choose_engine
 from tumorseg.errors import TumorsegError
+from tumorseg.evaluation import segment_cached
 from tumorseg.fileio import atomic_write, atomic_write_text, prepare_output_dir
 from tumorseg.inference import Predictor
-from tumorseg.metrics import confusion_counts, dice_from_counts
+from tumorseg.metrics import confusion_counts, dice_from_counts, paired_comparison
 from tumorseg.postprocess import binarize
 from tumorseg.qc import BAD_BELOW, MIN_SPECIFICITY, QCRule, calibrate, patient_features
 
@@ -96,10 +97,7 @@ def out_of_fold_probabilities(members: list[Checkpoint], cache: Cache, folder: P
         if k not in predictors:
             predictors[k] = _predictor(members[k], device=device, engine=engine)
         predictor = predictors[k]
-        rec = cache.records[patient]
-        same = predictor.percentiles == NORM_PERCENTILES  # the cache holds these; others are recomputed
-        probs = predictor.segment(np.asarray(cache.images(patient)), rec.low if same else None,
-                                  rec.high if same else None).probabilities
+        probs = segment_cached(predictor, cache, patient).probabilities
         half = probs.astype(np.float16)
         atomic_write(path, lambda f, a=half: np.save(f, a))
         saved[patient] = source
@@ -213,35 +211,15 @@ def compare_postprocessing(patients: Iterable[tuple[str, np.ndarray, np.ndarray]
         binomial test on the patients that differ), "below" (patients under bad_below
         for each), "per_patient"}.
     """
-    from scipy.stats import binomtest
-
-    rows = []
+    a, b = {}, {}
     for name, probs, truth in patients:
-        a = dice_from_counts(confusion_counts(binarize(probs, baseline), truth))
-        b = dice_from_counts(confusion_counts(binarize(probs, candidate), truth))
-        rows.append({"patient": name, "baseline": a, "candidate": b, "difference": b - a})
-    if not rows:
+        a[name] = dice_from_counts(confusion_counts(binarize(probs, baseline), truth))
+        b[name] = dice_from_counts(confusion_counts(binarize(probs, candidate), truth))
+    if not a:
         raise TumorsegError("no patients to compare the post-processing on")
-    da = np.array([r["baseline"] for r in rows])
-    db = np.array([r["candidate"] for r in rows])
-    diff = db - da
-    rng = np.random.default_rng(seed)
-    boot = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
-    better, worse = int((diff > 0).sum()), int((diff < 0).sum())
-    return {
-        "baseline": baseline.to_dict(), "candidate": candidate.to_dict(), "patients": len(rows),
-        "dice_mean": {"baseline": float(da.mean()), "candidate": float(db.mean())},
-        "dice_median": {"baseline": float(np.median(da)), "candidate": float(np.median(db))},
-        "mean_difference": float(diff.mean()),
-        "bootstrap_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-        "bootstrap_resamples": resamples,
-        "better": better, "worse": worse, "same": int(diff.size - better - worse),
-        "sign_test_p": float(binomtest(better, better + worse).pvalue) if better + worse else 1.0,
-        "bad_below": bad_below,
-        "below": {"baseline": [r["patient"] for r in rows if r["baseline"] < bad_below],
-                  "candidate": [r["patient"] for r in rows if r["candidate"] < bad_below]},
-        "per_patient": rows,
-    }
+    paired = paired_comparison(a, b, bad_below=bad_below, resamples=resamples, seed=seed)
+    return {"baseline": baseline.to_dict(), "candidate": candidate.to_dict(),
+            **{("dice_" + k if k in ("mean", "median") else k): v for k, v in paired.items()}}
 
 
 def compare_out_of_fold(model_path: str | Path, data: str | Path, out_dir: str | Path, candidate: InferenceConfig,

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +33,13 @@ CHANNELS: tuple[str, ...] = ("pre-contrast", "FLAIR", "post-contrast")
 # Per-patient, per-channel intensity normalisation of the original implementation:
 # low/high = these percentiles over the patient volume, x = clip((x-low)/(high-low), 0, 1).
 NORM_PERCENTILES: tuple[float, float] = (10.0, 99.0)
+
+# Distance (mm) of a neighbouring-slice channel ("2.5-D" input, `FLAIR+1`) in NIfTI and
+# DICOM volumes, whose slices may be much thinner than those the models learnt from. The
+# kaggle_3m TIFFs carry no spacing, so there the neighbour is the adjacent slice; their
+# 20 to 88 slices per head (median 35.5) over roughly 130-180 mm put the typical spacing
+# near 4-7 mm, and 5 mm is the slice thickness most common in clinical 2-D FLAIR.
+NEIGHBOUR_MM: float = 5.0
 
 # The choices of the enumerated fields, checked in `check_*` below and offered by the CLI.
 # Post-processing of a patient's thresholded volume: "none"; "lcc", the largest 3-D connected
@@ -74,24 +82,59 @@ def field_help(cls: type, name: str) -> str:
     return {f.name: f.metadata.get("help", "") for f in fields(cls)}[name]
 
 
+@dataclass(frozen=True)
+class Channel:
+    """One model input channel: a sequence of CHANNELS, of the slice itself (offset 0) or
+    of a neighbouring slice (`FLAIR-1`: one neighbour step toward slice 1, the inferior
+    end; `FLAIR+1`: one step superior)."""
+
+    sequence: int  # index into CHANNELS
+    offset: int = 0  # neighbour steps; the step in slices is `neighbour_step`
+
+
+_CHANNEL_NAME = re.compile(r"^(.*?)([+-][0-9]+)?$")
+
+
+def parse_channels(names: tuple[str, ...] | list[str]) -> list[Channel]:
+    """Parse channel names, case-insensitively: a sequence (`pre-contrast`, `FLAIR`,
+    `post-contrast`), optionally with a neighbour offset (`FLAIR-1`, `FLAIR+1`).
+
+    Raises:
+        ConfigError: unknown or repeated name, or no channel.
+    """
+    lookup = {c.lower(): i for i, c in enumerate(CHANNELS)}
+    out: list[Channel] = []
+    for name in names:
+        base, offset = _CHANNEL_NAME.match(name.strip().lower()).groups()  # type: ignore[union-attr]
+        if base not in lookup:
+            raise ConfigError(f"unknown channel {name!r}; choose from {', '.join(CHANNELS)}, optionally with a "
+                              "neighbouring-slice offset such as FLAIR-1 or FLAIR+1")
+        channel = Channel(lookup[base], int(offset or 0))
+        if channel in out:
+            raise ConfigError(f"channel {name!r} given twice")
+        out.append(channel)
+    if not out:
+        raise ConfigError("at least one channel is needed")
+    return out
+
+
 def channel_indices(names: tuple[str, ...] | list[str]) -> list[int]:
-    """Map channel names to indices in the TIFF, case-insensitively.
+    """The sequence (index into CHANNELS, the TIFF's channel order) of each channel name;
+    a neighbour channel (`FLAIR+1`) maps to its sequence (see `parse_channels`).
 
     Raises:
         ConfigError: unknown or repeated name.
     """
-    lookup = {c.lower(): i for i, c in enumerate(CHANNELS)}
-    out = []
-    for name in names:
-        key = name.strip().lower()
-        if key not in lookup:
-            raise ConfigError(f"unknown channel {name!r}; choose from {', '.join(CHANNELS)}")
-        if lookup[key] in out:
-            raise ConfigError(f"channel {name!r} given twice")
-        out.append(lookup[key])
-    if not out:
-        raise ConfigError("at least one channel is needed")
-    return out
+    return [c.sequence for c in parse_channels(names)]
+
+
+def neighbour_step(slice_spacing: float | None) -> int:
+    """Slices between a slice and its neighbour channel (`FLAIR+1`): the slice nearest
+    NEIGHBOUR_MM away where the spacing between slices (mm) is known (NIfTI, DICOM), else
+    the adjacent slice (kaggle_3m TIFFs carry no spacing)."""
+    if slice_spacing is None or not math.isfinite(slice_spacing) or slice_spacing <= 0:
+        return 1
+    return max(1, round(NEIGHBOUR_MM / slice_spacing))
 
 
 def _check(checks: list[tuple[bool, str]]) -> None:
@@ -206,7 +249,8 @@ class TrainConfig:
 
     # --- data ---
     channels: tuple[str, ...] = _field(
-        CHANNELS, "input sequences by name, comma-separated (pre-contrast,FLAIR,post-contrast)")
+        CHANNELS, "input sequences by name, comma-separated (pre-contrast,FLAIR,post-contrast); a 2.5-D "
+                  "model adds neighbouring slices, e.g. ...,FLAIR-1,FLAIR+1 (the FLAIR about 5 mm below and above)")
     folds: int = _field(5, "number of patient-level folds")
     fold: int = _field(0, "validation fold of this run (0-based); -1 trains on every non-test patient "
                           "without validation")

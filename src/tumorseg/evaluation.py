@@ -264,7 +264,7 @@ def segment_cached(predictor: Predictor, cache: Cache, patient: str, images: np.
     rec = cache.records[patient]
     images = np.asarray(cache.images(patient)) if images is None else images
     same = predictor.percentiles == NORM_PERCENTILES  # the cache holds these; others are recomputed
-    return predictor.segment(images, rec.low if same else None, rec.high if same else None)
+    return predictor.segment(images, rec.low if same else None, rec.high if same else None, spacing=rec.spacing)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch import nn
 
 from tumorseg.checkpoint import Checkpoint, load_members, read_qc_entry
 from tumorseg.config import CHANNELS, ENGINE_CHOICES, NORM_PERCENTILES, InferenceConfig, channel_indices
+from tumorseg.data.channels import select_channels, slice_spacing
 from tumorseg.data.inputs import InputVolume
 from tumorseg.data.nifti import resample_slices
 from tumorseg.data.normalization import normalize, volume_percentiles
@@ -299,12 +300,14 @@ class Predictor:
     # ------------------------------------------------------------------ raw volumes
 
     def normalize_volume(self, volume: np.ndarray, low: Sequence[float] | None = None,
-                         high: Sequence[float] | None = None) -> torch.Tensor:
+                         high: Sequence[float] | None = None, spacing: Sequence[float] | None = None) -> torch.Tensor:
         """Model input float32 (S, C, H, W) for a raw volume (S, H, W, 3): uint8 slices or
         the float intensities of a NIfTI volume.
 
         The channels are normalised with `low`/`high` (statistics of all three channels,
-        e.g. from the cache) or, when not given, with the percentiles of this volume.
+        e.g. from the cache) or, when not given, with the percentiles of this volume. A
+        2.5-D model's neighbour channels are chosen with the volume's `spacing` (mm between
+        slices, rows, columns; unknown: the adjacent slices), see `channels.select_channels`.
         """
         volume = np.asarray(volume)
         if volume.ndim != 4 or volume.shape[-1] != len(CHANNELS):
@@ -312,21 +315,22 @@ class Predictor:
         if low is None or high is None:
             low, high = volume_percentiles(volume, self.percentiles)
         ch = self._channel_index
-        x = torch.from_numpy(np.ascontiguousarray(volume[..., ch])).permute(0, 3, 1, 2)
-        return normalize(x, torch.tensor([low[c] for c in ch]), torch.tensor([high[c] for c in ch]))
+        x = torch.from_numpy(np.ascontiguousarray(select_channels(volume, self.channels, slice_spacing(spacing))))
+        return normalize(x.permute(0, 3, 1, 2), torch.tensor([low[c] for c in ch]), torch.tensor([high[c] for c in ch]))
 
     def segment(self, volume: np.ndarray, low: Sequence[float] | None = None,
-                high: Sequence[float] | None = None, progress: Progress | None = None) -> PatientResult:
+                high: Sequence[float] | None = None, progress: Progress | None = None,
+                spacing: Sequence[float] | None = None) -> PatientResult:
         """Segment one patient volume (S, H, W, 3): normalise (see `normalize_volume`),
         predict, threshold and post-process as configured."""
-        pred = self.predict(self.normalize_volume(volume, low, high), progress=progress)
+        pred = self.predict(self.normalize_volume(volume, low, high, spacing), progress=progress)
         return self.finish(*_arrays(pred))
 
     def predict_volume(self, volume: InputVolume, progress: Progress | None = None) -> PatientResult:
         """Segment one patient of any input format: predict at the model's scale, bring
         the probabilities back to the input's grid (`volume.native_shape`), then threshold
         and post-process there."""
-        pred = self.predict(self.normalize_volume(volume.images), progress=progress)
+        pred = self.predict(self.normalize_volume(volume.images, spacing=volume.spacing), progress=progress)
         probs, spread, members = _arrays(pred)
         if volume.native_shape is not None:
             shape = volume.native_shape

@@ -13,10 +13,14 @@ slices of a patient: counts are summed over the slices, then the ratio is taken.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from tumorseg.errors import TumorsegError
 
 
 @dataclass(frozen=True)
@@ -148,3 +152,50 @@ def nanmean(values: list[float]) -> float:
     arr = np.asarray(values, dtype=float)
     arr = arr[~np.isnan(arr)]
     return float(arr.mean()) if arr.size else math.nan
+
+
+def paired_comparison(baseline: Mapping[str, float], candidate: Mapping[str, float], *, bad_below: float = 0.7,
+                      resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """Two sets of per-patient scores (e.g. Dice) on the same patients, compared patient by
+    patient (candidate - baseline).
+
+    Returns:
+        {"patients", "mean"/"median" {"baseline", "candidate"}, "mean_difference",
+        "bootstrap_ci95" (percentile interval of the mean difference over `resamples`
+        resamples of the patients, generator seeded with `seed`), "better"/"worse"/"same"
+        (patients), "sign_test_p" (two-sided binomial test on the patients that differ),
+        "below" {"baseline", "candidate"} (patients under `bad_below`), "per_patient"}.
+
+    Raises:
+        TumorsegError: the two sets name different patients, or none.
+    """
+    from scipy.stats import binomtest
+
+    if set(baseline) != set(candidate):
+        only = sorted(set(baseline) ^ set(candidate))
+        raise TumorsegError(f"the scores to compare are of different patients ({len(only)} in one only, e.g. "
+                            f"{', '.join(only[:3])}): compare results on the same patients")
+    names = sorted(baseline)
+    if not names:
+        raise TumorsegError("no patients to compare")
+    a = np.array([baseline[p] for p in names], dtype=np.float64)
+    b = np.array([candidate[p] for p in names], dtype=np.float64)
+    diff = b - a
+    rng = np.random.default_rng(seed)
+    boot = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
+    better, worse = int((diff > 0).sum()), int((diff < 0).sum())
+    return {
+        "patients": len(names),
+        "mean": {"baseline": float(a.mean()), "candidate": float(b.mean())},
+        "median": {"baseline": float(np.median(a)), "candidate": float(np.median(b))},
+        "mean_difference": float(diff.mean()),
+        "bootstrap_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "bootstrap_resamples": resamples,
+        "better": better, "worse": worse, "same": int(diff.size - better - worse),
+        "sign_test_p": float(binomtest(better, better + worse).pvalue) if better + worse else 1.0,
+        "bad_below": bad_below,
+        "below": {"baseline": [p for p, v in zip(names, a, strict=True) if v < bad_below],
+                  "candidate": [p for p, v in zip(names, b, strict=True) if v < bad_below]},
+        "per_patient": [{"patient": p, "baseline": float(x), "candidate": float(y), "difference": float(y - x)}
+                        for p, x, y in zip(names, a, b, strict=True)],
+    }

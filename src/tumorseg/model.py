@@ -26,6 +26,8 @@ from torch import nn
 from tumorseg.config import ModelConfig
 
 _DEFAULT = ModelConfig()  # the original architecture: the defaults live there
+# The state-dict key of the only weights that see the input channels.
+FIRST_CONV = "layers.0.conv1.weight"
 
 # The activations stack of the forward pass running in this thread/task (None outside one).
 _ACTIVATIONS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(

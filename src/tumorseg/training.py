@@ -17,8 +17,8 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tumorseg.checkpoint import Checkpoint, TrainingState, load_checkpoint, load_members, save_checkpoint
-from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig, merge_layers
+from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig, merge_layers, parse_channels
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.dataset import SliceArrays, load_arrays
 from tumorseg.data.sampling import SAMPLER, batches_of, epoch_order, training_batch
@@ -51,7 +51,7 @@ from tumorseg.fileio import atomic_write_text, check_output_dir, prepare_output_
 from tumorseg.inference import Predictor
 from tumorseg.losses import make_loss
 from tumorseg.metrics import score_patient
-from tumorseg.model import UNet
+from tumorseg.model import FIRST_CONV, UNet
 from tumorseg.postprocess import binarize
 from tumorseg.runs import TrainingDir
 from tumorseg.runtime import (
@@ -213,10 +213,25 @@ def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
         raise TumorsegError(f"--init {cfg.init}: {path} holds models 0..{len(members) - 1}") from None
     if not member and len(members) > 1:
         raise TumorsegError(f"--init {cfg.init} is an ensemble of {len(members)} models; name one as {path}@K")
-    if chosen.model_config != cfg.model_config():
+    if replace(chosen.model_config, in_channels=len(cfg.channels)) != cfg.model_config():
         raise TumorsegError(f"--init {cfg.init} is a {chosen.model_config} model; the run's config asks for "
-                            f"{cfg.model_config()}: give the same depth, features and channels")
-    return {k: v.float() for k, v in chosen.state_dict.items()}
+                            f"{cfg.model_config()}: give the same depth and features")
+    weights = {k: v.float() for k, v in chosen.state_dict.items()}
+    if tuple(chosen.channels) != tuple(cfg.channels):
+        weights[FIRST_CONV] = map_input_channels(weights[FIRST_CONV], chosen.channels, cfg.channels)
+    return weights
+
+
+def map_input_channels(weight: torch.Tensor, old: Sequence[str], new: Sequence[str]) -> torch.Tensor:
+    """The first convolution's weights (out, len(old), k, k) rearranged for the input
+    channels `new`: a channel of `old` keeps its weights, a new one (e.g. `FLAIR+1` of a
+    2.5-D model) starts at zero, so the model starts out computing what the old one did."""
+    before = {c: i for i, c in enumerate(parse_channels(list(old)))}
+    out = weight.new_zeros((weight.shape[0], len(new), *weight.shape[2:]))
+    for j, c in enumerate(parse_channels(list(new))):
+        if c in before:
+            out[:, j] = weight[:, before[c]]
+    return out
 
 
 def write_metrics_csv(rows: list[dict[str, Any]], path: Path) -> None:

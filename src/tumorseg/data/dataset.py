@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from tumorseg.config import CHANNELS, channel_indices
 from tumorseg.data.cache import Cache
+from tumorseg.data.channels import select_channels, slice_spacing
 from tumorseg.data.normalization import normalize
 from tumorseg.errors import DataError
 
@@ -25,7 +26,8 @@ class LGGDataset(Dataset):
     """Slices of cached patients as `(image, mask, patient, slice_number)`.
 
     image: float32 (C, H, W) normalised per patient volume; mask: float32 (1, H, W) 0/1.
-    `channels` selects sequences by name, in the order given (default all three).
+    `channels` selects sequences by name, in the order given (default all three), with
+    neighbouring slices for 2.5-D models (`FLAIR+1`, see `channels.select_channels`).
     """
 
     def __init__(self, cache: Cache, patients: Sequence[str] | None = None,
@@ -48,8 +50,9 @@ class LGGDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str, int]:
         patient, k = self.index[i]
         rec = self.cache.records[patient]
-        img = torch.from_numpy(np.ascontiguousarray(self.cache.images(patient)[k][..., self._ch]))
-        img = img.permute(2, 0, 1)[None]
+        img = torch.from_numpy(np.ascontiguousarray(
+            select_channels(self.cache.images(patient), self.channels, slice_spacing(rec.spacing), slices=[k])))
+        img = img.permute(0, 3, 1, 2)
         low = torch.tensor([rec.low[c] for c in self._ch])
         high = torch.tensor([rec.high[c] for c in self._ch])
         image = normalize(img, low, high)[0]
@@ -124,7 +127,8 @@ def load_arrays(cache: Cache, patients: Sequence[str], channels: Sequence[str] =
     imgs, msks, lows, highs, pidx, nums = [], [], [], [], [], []
     for i, p in enumerate(patients):
         rec = cache.records[p]
-        img = np.array(cache.images(p)[..., ch], dtype=dtype)
+        img = select_channels(np.asarray(cache.images(p)), channels, slice_spacing(rec.spacing))
+        img = img.astype(dtype, copy=False)
         masks = np.array(cache.masks(p), dtype=np.uint8)
         pad = ((0, 0), (0, height - rec.height), (0, width - rec.width))
         if pad[1][1] or pad[2][1]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tumorseg.config import TrainConfig
+from tumorseg.config import CHANNELS, Channel, TrainConfig, parse_channels
 from tumorseg.data.dataset import SliceArrays
 from tumorseg.data.transforms import augment_batch, crop_batch, replace_sequences
 
@@ -20,6 +20,8 @@ _ORDER, _STEP = 0, 1
 # How batches are drawn; recorded in checkpoints so that a resume can tell a run started
 # by a version that drew them differently (tumorseg 0.1's checkpoints have none).
 SAMPLER = "seedsequence-1"
+# The channel that stands in for a missing sequence (sequence dropout).
+FLAIR_CHANNEL = Channel(CHANNELS.index("FLAIR"))
 
 
 def seeded_generator(purpose: int, seed: int, epoch: int, step: int = 0) -> torch.Generator:
@@ -68,10 +70,10 @@ def training_batch(arrays: SliceArrays, idx: torch.Tensor, cfg: TrainConfig, epo
     if cfg.crop:
         x, y = crop_batch(x, y, cfg.crop, g)
     if cfg.augment:
-        names = [c.lower() for c in cfg.channels]
-        if "flair" in names:
-            flair = names.index("flair")
-            others = [c for c in range(len(names)) if c != flair]
+        specs = parse_channels(cfg.channels)
+        if FLAIR_CHANNEL in specs:  # the slice's own sequences; neighbour channels stay as they are
+            flair = specs.index(FLAIR_CHANNEL)
+            others = [j for j, c in enumerate(specs) if c.offset == 0 and j != flair]
             x = replace_sequences(x, flair, others, cfg.sequence_dropout, g)
         x, y = augment_batch(x, y, g)
     return x, y
