@@ -104,3 +104,19 @@ def test_a_2_5d_run_trains_saves_its_channels_and_predicts(kaggle, tmp_path):
     result = segment_cached(Predictor.from_checkpoints(tmp_path / "run" / "last.pt", device="cpu"), cache,
                             "PAT_B_2002")
     assert result.mask.shape == (5, 32, 32) and np.isfinite(result.probabilities).all()
+
+
+def test_predict_volume_chooses_neighbours_by_the_inputs_slice_spacing():
+    from tumorseg.data.inputs import InputVolume
+    from tumorseg.data.nifti import Grid
+
+    torch.manual_seed(2)
+    predictor = Predictor([UNet(in_channels=5, n_features=4, depth=3).eval()], channels=CONTEXT, device="cpu",
+                          precision="fp32")
+    images = np.random.default_rng(0).integers(0, 255, (12, 32, 32, 3)).astype(np.float32)
+    grid = Grid(shape=(32, 32, 12), affine=np.eye(4), header=None, to_model=np.zeros((3, 2)),
+                spacing=(1.0, 0.9, 0.9))
+    thin = predictor.predict_volume(InputVolume(name="p", kind="nifti", images=images, files=[], grid=grid))
+    np.testing.assert_array_equal(thin.probabilities, predictor.segment(images, spacing=(1.0, 0.9, 0.9)).probabilities)
+    adjacent = predictor.segment(images).probabilities  # what it would be with the adjacent slices
+    assert np.abs(thin.probabilities - adjacent).max() > 1e-4

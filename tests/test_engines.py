@@ -307,3 +307,21 @@ def test_ctrl_c_after_openvino_engines_come_and_go_is_handled():
         capture_output=True, text=True, timeout=600, cwd=tests.parent)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "2 passed" in proc.stdout
+
+
+def test_a_2_5d_model_runs_alike_on_every_engine_and_its_graph_keeps_the_channels(tmp_path):
+    channels = ("pre-contrast", "FLAIR", "post-contrast", "FLAIR-1", "FLAIR+1")
+    torch.manual_seed(5)
+    model = UNet(in_channels=5, n_features=4, depth=3).eval()
+    save_checkpoint(tmp_path / "m.pt", Checkpoint.of_model(model, channels=channels))
+    export_model(tmp_path / "m.pt", tmp_path / "m.onnx")
+    assert read_graph_info(tmp_path / "m.onnx").channels == channels
+    vol = np.random.default_rng(1).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    results = {}
+    for engine, path in [("torch", tmp_path / "m.pt"), ("onnxruntime", tmp_path / "m.onnx"),
+                         ("openvino", tmp_path / "m.onnx")]:
+        p = Predictor.from_checkpoints(path, engine=engine, device="cpu", precision="fp32", postprocess="none")
+        assert p.channels == channels
+        results[engine] = p.segment(vol, spacing=(1.0, 1.0, 1.0))
+    for engine, seg in results.items():
+        assert np.abs(seg.probabilities - results["torch"].probabilities).max() < 1e-4, engine
