@@ -242,7 +242,7 @@ def test_segment_records_what_post_processing_removed():
     assert (kept.removed_voxels, kept.removed_components, kept.tumour_voxels) == (0, 0, 10)
 
 
-def test_a_model_files_quality_rule_and_training_patients_come_with_the_predictor(tmp_path):
+def test_a_model_files_quality_rule_and_training_patients_come_with_the_predictor(tmp_path, monkeypatch):
     from tumorseg.checkpoint import store_qc_entry
     from tumorseg.qc import Condition, QCRule
 
@@ -253,7 +253,11 @@ def test_a_model_files_quality_rule_and_training_patients_come_with_the_predicto
     assert plain.qc_rule is None and plain.trained_on == {"P1", "P2"}
     rule = QCRule((Condition("mean_prob", "<", 0.9),), notes="test")
     store_qc_entry(tmp_path / "a.pt", {"rule": rule.to_dict(), "calibration": None})
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
     assert Predictor.from_checkpoints(tmp_path / "a.pt", device="cpu", precision="fp32", engine="torch").qc_rule == rule
+    assert [str(r) for r in reads] == [str(tmp_path / "a.pt")], reads  # the weights and the rule from one read of the file
     # A rule belongs to its own file's weights: a set of several files carries none.
     _save(tmp_path / "b.pt", UNet(n_features=4, depth=2).eval())
     both = Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], device="cpu", precision="fp32",

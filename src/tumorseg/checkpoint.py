@@ -92,6 +92,9 @@ class Checkpoint:
     tumorseg_version: str = ""
     kind: str = "tumorseg"  # "original" for the original implementation's unet.pt (not saved)
     path: str = ""  # the file it was loaded from (not saved)
+    # The quality-control entry of the file it was loaded from (`store_qc_entry`; not saved:
+    # a rule belongs to the file's weights, all of them)
+    qc_entry: dict[str, Any] | None = None
 
     @classmethod
     def of_model(cls, model: UNet, **fields: Any) -> Checkpoint:
@@ -243,6 +246,7 @@ def _training_state(d: Any) -> TrainingState | None:
 
 def _tumorseg_checkpoint(obj: dict[str, Any], path: Path) -> Checkpoint:
     obj = _migrate(obj, path)
+    qc_entry = _qc_entry(obj, path)
     try:
         cfg = ModelConfig.from_dict(obj["model_config"])
         norm = obj.get("normalization") or {}
@@ -261,6 +265,7 @@ def _tumorseg_checkpoint(obj: dict[str, Any], path: Path) -> Checkpoint:
             best=dict(obj.get("best") or {}), metrics=dict(obj.get("metrics") or {}), split=obj.get("split"),
             training=_training_state(obj.get("training")), notes=str(obj.get("notes", "")),
             tumorseg_version=str(obj.get("tumorseg_version", "")), kind="tumorseg", path=str(path),
+            qc_entry=qc_entry,
         )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         # TumorsegError is a ValueError: a bad stored inference setting lands here too.
@@ -277,7 +282,7 @@ def load_members(path: str | Path) -> list[Checkpoint]:
     obj = read_payload(path)
     members = obj.get("members")
     if obj.get("format") != FORMAT or members is None:
-        return [load_checkpoint(path)]
+        return [_checkpoint(obj, path)]
     if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
         raise CheckpointError(f"{path}: damaged ensemble (no list of member weights)")
     splits = obj.get("member_splits")  # absent in files written before it was kept
@@ -375,7 +380,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointError: missing, unreadable, damaged or too new a file.
     """
     path = Path(path)
-    obj = read_payload(path)
+    return _checkpoint(read_payload(path), path)
+
+
+def _checkpoint(obj: dict[str, Any], path: Path) -> Checkpoint:
+    """`load_checkpoint` of a file's payload, read already."""
     state = obj.get("state_dict")
     if obj.get("format") == FORMAT and "members" in obj:
         raise CheckpointError(f"{path} is an ensemble of {len(obj['members'])} models; load it with "
@@ -424,7 +433,11 @@ def read_qc_entry(path: str | Path) -> dict[str, Any] | None:
     Raises:
         CheckpointError: an unreadable file, or an entry that is not a dictionary.
     """
-    entry = read_payload(path).get(QC_KEY)
+    return _qc_entry(read_payload(path), Path(path))
+
+
+def _qc_entry(obj: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    entry = obj.get(QC_KEY)
     if entry is not None and not isinstance(entry, dict):
         raise CheckpointError(f"{path}: damaged {QC_KEY} entry ({type(entry).__name__}, not a mapping)")
     return entry
