@@ -259,3 +259,72 @@ def test_export_of_a_run_is_one_float16_ensemble_with_the_chosen_settings(make_k
     summaries = predict([data.root], tmp_path / "pred", predictor=flagged, show_progress=False)
     assert {s.qc for s in summaries} <= {"ok", "review"} and all(s.qc for s in summaries)
     assert all(s.qc_reason for s in summaries) and all(0 <= s.qc_score <= 1 for s in summaries)
+
+
+def _fold_ensemble(path, split, splits=None):
+    """A file of one tiny model per fold, model k keeping `splits[k]` (default: fold k's)."""
+    from tumorseg.checkpoint import Checkpoint, export_ensemble, save_checkpoint
+    from tumorseg.model import UNet
+
+    files = []
+    for k in range(len(split.folds)):
+        kept = splits[k] if splits is not None else {"fold": k, "train": split.train(k), "val": split.folds[k]}
+        files.append(path.parent / f"m{k}.pt")
+        save_checkpoint(files[-1], Checkpoint.of_model(UNet(n_features=4, depth=3).eval(), train_config=tiny(),
+                                                       split=kept))
+    export_ensemble(files, path)
+    return files
+
+
+def test_fine_tuning_a_fold_ensemble_starts_each_fold_from_the_model_that_never_saw_it(tmp_path):
+    from tumorseg.checkpoint import Checkpoint, save_checkpoint
+    from tumorseg.crossval import check_init, fold_config
+    from tumorseg.data.splits import make_split
+    from tumorseg.errors import TumorsegError
+    from tumorseg.model import UNet
+
+    split = make_split(list(PATIENTS), folds=3)
+    ens = tmp_path / "ens.pt"
+    files = _fold_ensemble(ens, split)
+    cfg = tiny(init=str(ens))
+    assert [fold_config(cfg, k).init for k in range(3)] == [f"{ens}@{k}" for k in range(3)]
+    assert fold_config(cfg, 1).fold == 1
+    check_init(cfg, split)  # each model k was trained on fold k's training patients only
+    # model 1 named for every fold: it was trained on fold 0's patients
+    with pytest.raises(TumorsegError, match=rf"--init {ens}@1 was trained on \d patient\(s\) of fold 0 \(e.g. PAT_"):
+        check_init(tiny(init=f"{ens}@1"), split)
+    # the same models in another order
+    rotated = tmp_path / "rotated" / "ens.pt"
+    rotated.parent.mkdir()
+    _fold_ensemble(rotated, split, [{"fold": k, "train": split.train((k + 1) % 3)} for k in range(3)])
+    with pytest.raises(TumorsegError, match="of fold 0"):
+        check_init(tiny(init=str(rotated)), split)
+    # one model (not a fold ensemble) trained on everybody, and one that keeps no split
+    assert fold_config(tiny(init=str(files[0])), 2).init == str(files[0])
+    save_checkpoint(tmp_path / "all.pt", Checkpoint.of_model(UNet(n_features=4, depth=3).eval(),
+                                                            split={"fold": -1, "train": list(PATIENTS)}))
+    with pytest.raises(TumorsegError, match="was trained on 2 patient"):
+        check_init(tiny(init=str(tmp_path / "all.pt")), split)
+    save_checkpoint(tmp_path / "nosplit.pt", Checkpoint.of_model(UNet(n_features=4, depth=3).eval()))
+    with pytest.raises(TumorsegError, match="does not record the patients it was trained on"):
+        check_init(tiny(init=str(tmp_path / "nosplit.pt")), split)
+    check_init(tiny(), split)  # random weights: nothing to check
+
+
+@pytest.mark.slow
+def test_crossval_fine_tunes_a_fold_ensemble_fold_by_fold(make_kaggle, tmp_path, monkeypatch):
+    from tumorseg.checkpoint import load_checkpoint
+    from tumorseg.data.splits import make_split
+
+    monkeypatch.setenv("TUMORSEG_CACHE", str(tmp_path / "cache"))
+    data = make_kaggle(patients=PATIENTS, strays=False)
+    ens = tmp_path / "ens.pt"
+    _fold_ensemble(ens, make_split(list(PATIENTS), folds=3))
+    report = crossval(tiny(init=str(ens)), data.root, tmp_path / "run", precision="fp32", show_progress=False,
+                      plots=False)
+    assert report is not None and report["summary"]["patients"] == 4
+    for k in range(3):
+        assert load_checkpoint(tmp_path / "run" / f"fold_{k}" / "last.pt").train_config.init == f"{ens}@{k}"
+    # resumed as it is: finished folds are recognised as this run's
+    assert crossval(tiny(init=str(ens)), data.root, tmp_path / "run", precision="fp32", show_progress=False,
+                    plots=False) is not None

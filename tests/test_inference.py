@@ -257,7 +257,7 @@ def test_a_model_files_quality_rule_and_training_patients_come_with_the_predicto
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
     assert Predictor.from_checkpoints(tmp_path / "a.pt", device="cpu", precision="fp32", engine="torch").qc_rule == rule
-    assert [str(r) for r in reads] == [str(tmp_path / "a.pt")], reads  # the weights and the rule from one read of the file
+    assert [str(r) for r in reads] == [str(tmp_path / "a.pt")], reads  # weights and rule: one read
     # A rule belongs to its own file's weights: a set of several files carries none.
     _save(tmp_path / "b.pt", UNet(n_features=4, depth=2).eval())
     both = Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], device="cpu", precision="fp32",

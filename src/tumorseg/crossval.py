@@ -20,6 +20,7 @@ interrupted fold continues, probabilities already written are reused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from tumorseg.checkpoint import Checkpoint, load_checkpoint
+from tumorseg.checkpoint import Checkpoint, load_checkpoint, load_members
 from tumorseg.config import InferenceConfig, TrainConfig
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.splits import Split, load_split, make_split, save_split
@@ -77,6 +78,49 @@ def prepare_run(cfg: TrainConfig, cache: Cache, run_dir: Path) -> Split:
     return split
 
 
+def fold_config(cfg: TrainConfig, k: int) -> TrainConfig:
+    """The training config of fold k: `cfg` with fold k; where `cfg.init` names a file of
+    `cfg.folds` models without `@K` (a fold ensemble, such as the shipped model), fold k
+    starts from its model k (`MODEL.pt@k`, see `check_init`)."""
+    cfg_k = dataclasses.replace(cfg, fold=k)
+    if cfg.init and "@" not in cfg.init and len(_init_splits(cfg.init)) == cfg.folds:
+        return dataclasses.replace(cfg_k, init=f"{cfg.init}@{k}")
+    return cfg_k
+
+
+@functools.lru_cache(maxsize=4)
+def _init_splits(path: str) -> list[dict[str, Any] | None]:
+    """The split each model of the file `path` keeps (read once per process)."""
+    return [m.split for m in load_members(path)]
+
+
+def check_init(cfg: TrainConfig, split: Split) -> None:
+    """Fold models started from other weights (`--init`) are scored on patients those
+    weights never saw: each fold's starting model was trained on none of the fold's
+    patients (by the split it carries).
+
+    Raises:
+        TumorsegError: a starting model trained on patients of the fold it would be scored
+            on, or one that does not say which patients it was trained on.
+    """
+    if not cfg.init:
+        return
+    for k in range(len(split.folds)):
+        init = fold_config(cfg, k).init
+        path, _, member = init.rpartition("@") if "@" in init else (init, "", "")
+        splits = _init_splits(path)
+        trained = splits[int(member)] if member.isdigit() and int(member) < len(splits) else splits[0]
+        if trained is None:
+            raise TumorsegError(f"--init {init} does not record the patients it was trained on, so its fine-tuned "
+                                "fold models could be scored on patients it saw; start from a tumorseg model "
+                                "(or a fold ensemble) that keeps its split")
+        seen = sorted(set(trained.get("train", [])) & set(split.folds[k]))
+        if seen:
+            raise TumorsegError(f"--init {init} was trained on {len(seen)} patient(s) of fold {k} (e.g. {seen[0]}), "
+                                f"which its fold model would be scored on; start from a fold ensemble of this "
+                                f"split ({cfg.folds} models, one per fold) or from random weights")
+
+
 def check_fold(state: Checkpoint, cfg: TrainConfig, split: Split, k: int) -> None:
     """A fold model belongs to this run: the run's config with fold k, and trained on
     exactly split.train(k), so that it never saw the patients it scores.
@@ -85,7 +129,7 @@ def check_fold(state: Checkpoint, cfg: TrainConfig, split: Split, k: int) -> Non
         TumorsegError: a model of another config or split (e.g. a `tumorseg train` run).
     """
     where = Path(state.path).parent
-    expected = dataclasses.replace(cfg, fold=k)
+    expected = fold_config(cfg, k)
     if state.train_config != expected:
         diff = [f.name for f in dataclasses.fields(TrainConfig)
                 if state.train_config is None or getattr(state.train_config, f.name) != getattr(expected, f.name)]
@@ -106,6 +150,7 @@ def train_folds(cfg: TrainConfig, cache: Cache, run_dir: Path, *, device: str = 
         TumorsegError: a fold folder holds a model of another config or split.
     """
     split = prepare_run(cfg, cache, run_dir)
+    check_init(cfg, split)
     run = RunDir(run_dir)
     for k in range(len(split.folds)) if only is None else [only]:
         fold_dir = run.fold(k).root
@@ -119,7 +164,7 @@ def train_folds(cfg: TrainConfig, cache: Cache, run_dir: Path, *, device: str = 
             result = fit(cfg, cache, fold_dir, resume=True, device=device, show_progress=show_progress,
                          data_path=data_path)
         else:
-            result = fit(dataclasses.replace(cfg, fold=k), cache, fold_dir, split_file=run.splits,
+            result = fit(fold_config(cfg, k), cache, fold_dir, split_file=run.splits,
                          device=device, show_progress=show_progress, data_path=data_path)
         if result.interrupted:
             return False
