@@ -281,7 +281,8 @@ class TrainConfig:
     crop: int = _field(160, "train on crop x crop patches (tumour-centred half the time); 0 = whole slices")
     # --- run ---
     init: str = _field("", "start from the weights of this checkpoint (MODEL.pt, or MODEL.pt@K for model K of an "
-                           "ensemble file, from 0) instead of random ones: fine-tuning; empty = random")
+                           "ensemble file, from 0) instead of random ones: fine-tuning; in crossval a fold "
+                           "ensemble starts fold k from its model k; empty = random")
     seed: int = _field(0, "seed of weights, slice order and augmentation")
     precision: str = _field("auto", "auto (fp32 or bf16, whichever a short timing of the model on this device "
                                     "finds faster; cached), bf16 or fp32")
