@@ -457,3 +457,16 @@ def test_a_dicom_study_is_uploaded_as_files_or_as_a_zip_and_gives_a_seg(tmp_path
             assert mask.status_code == 200 and mask.headers["content-type"] == "application/dicom"
             assert mask.content[128:132] == b"DICM"
             assert client.get(result["viewer"]["uncertain"]).status_code == 200
+
+
+def test_a_dicom_study_that_decodes_over_the_limit_is_refused_at_upload(tmp_path):
+    from dicom_helpers import Study, write_series
+
+    flair = np.zeros((8, 512, 512), dtype=np.int64)  # 4 MB of int16 pixels, 8 MB as float32
+    write_series(tmp_path / "study", flair, study=Study(), description="AX T2 FLAIR", number=3)
+    files = sorted(p for p in (tmp_path / "study").rglob("*") if p.is_file())
+    with client_for(tmp_path, max_unpacked_mb=6) as client:
+        r = upload(client, [(p.name, p.read_bytes()) for p in files])
+        assert r.status_code == 413, r.text
+        assert r.json()["detail"] == ("the upload decodes to more than 6 MB of images (8 MB as float32); send one "
+                                      "patient (start `tumorseg serve --max-unpacked-mb N` to raise the limit)")

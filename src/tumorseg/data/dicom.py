@@ -592,6 +592,15 @@ def check_memory(stacks: Sequence[Stack], max_bytes: int | None = None) -> None:
                         f"GiB; pick smaller series (--flair-series ...) or raise the limit with {MAX_BYTES_ENV}=N")
 
 
+def session_bytes(study: Mapping[str, Series], name: str, series: Mapping[str, str] | None = None) -> int:
+    """The float32 bytes of the series `read_session` would read, from their headers alone.
+
+    Raises:
+        DataError: as `select_series` and `sort_planes`.
+    """
+    return sum(int(np.prod(sort_planes(s).shape)) * 4 for s in select_series(study, name, series).values())
+
+
 def read_session(study: Mapping[str, Series], name: str, *, series: Mapping[str, str] | None = None,
                  max_bytes: int | None = None) -> DicomPatient:
     """Read one session (the series of one patient's study) into a `DicomPatient`.

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from tumorseg.config import CHANNELS, ServeConfig
-from tumorseg.data.dicom import find_dicom_sessions
+from tumorseg.data.dicom import find_dicom_sessions, session_bytes
 from tumorseg.data.inputs import find_inputs
 from tumorseg.data.nifti import (
     DEFAULT_SPACING,
@@ -55,6 +55,7 @@ from tumorseg.serve.uploads import (
     dicom_name,
     patient_folder_name,
     safe_name,
+    too_large,
     unpack_zip,
 )
 
@@ -215,6 +216,10 @@ class JobStore:
                 sessions = find_dicom_sessions(folder)
                 if len(sessions) != 1:
                     raise DataError(f"the upload holds {len(sessions)} studies; send one patient's study per upload")
+                name, study, wanted = sessions[0]
+                size = session_bytes(study, name, wanted)
+                if size > self.limits.max_unpacked_bytes:
+                    raise too_large(self.limits.max_unpacked_bytes, f"{size / 2**20:.0f} MB as float32")
             elif kind == "nifti":
                 read_nifti_patient(find_sequences(folder))
             else:

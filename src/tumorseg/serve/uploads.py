@@ -108,6 +108,12 @@ def check_kinds(names: list[str] | list[Path]) -> str:
         raise UploadError(422, str(e)) from None
 
 
+def too_large(limit: int, where: str) -> UploadError:
+    """The refusal of an upload whose images decode to more than `limit` bytes."""
+    return UploadError(413, f"the upload decodes to more than {limit / 2**20:.0f} MB of images ({where}); send one "
+                            "patient (start `tumorseg serve --max-unpacked-mb N` to raise the limit)")
+
+
 def check_decoded_size(folder: Path, names: list[str], kind: str, limit: int) -> None:
     """Refuse files that would decode to more than `limit` bytes, from their headers alone
     (before any pixel is decoded): float32 voxels for NIfTI, RGB pixels for slices.
@@ -120,7 +126,7 @@ def check_decoded_size(folder: Path, names: list[str], kind: str, limit: int) ->
     for name in names:
         try:
             if kind == "dicom":
-                continue  # the reader checks its memory from the headers before any pixel is read
+                continue  # counted per study from the headers of the series it reads (`dicom.session_bytes`)
             if kind == "nifti":
                 import nibabel as nib
 
@@ -133,8 +139,7 @@ def check_decoded_size(folder: Path, names: list[str], kind: str, limit: int) ->
         except Exception:  # noqa: BLE001 (unreadable: the reader says why, with the file's name)
             continue
         if total > limit:
-            raise UploadError(413, f"the upload decodes to more than {limit / 2**20:.0f} MB of images (at {name}); "
-                                   "send one patient (start `tumorseg serve --max-unpacked-mb N` to raise the limit)")
+            raise too_large(limit, f"at {name}")
 
 
 def unpack_zip(archive: Path, dest: Path, limits: Limits) -> list[str]:
