@@ -89,7 +89,7 @@ def test_a_2_5d_model_started_from_a_2d_one_computes_what_the_2d_one_did():
 def test_a_2_5d_run_trains_saves_its_channels_and_predicts(kaggle, tmp_path):
     from tumorseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from tumorseg.evaluation import segment_cached
-    from tumorseg.training import fit
+    from tumorseg.training import fit, initial_weights
 
     cache = prepare(kaggle.root, tmp_path / "cache", progress=False)
     base = replace_config(TrainConfig(), dict(
@@ -98,6 +98,9 @@ def test_a_2_5d_run_trains_saves_its_channels_and_predicts(kaggle, tmp_path):
     flat = UNet.from_config(base.model_config()).eval()
     save_checkpoint(tmp_path / "flat.pt", Checkpoint.of_model(flat, train_config=base))
     cfg = replace_config(base, {"channels": CONTEXT, "init": str(tmp_path / "flat.pt")})
+    start = initial_weights(cfg)["layers.0.conv1.weight"]
+    old = flat.state_dict()["layers.0.conv1.weight"]
+    assert torch.equal(start[:, :3], old) and not start[:, 3:].any()  # old channels copied, new ones at zero
     fit(cfg, cache, tmp_path / "run", show_progress=False)
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ck.channels == CONTEXT and ck.model_config.in_channels == 5
@@ -120,3 +123,20 @@ def test_predict_volume_chooses_neighbours_by_the_inputs_slice_spacing():
     np.testing.assert_array_equal(thin.probabilities, predictor.segment(images, spacing=(1.0, 0.9, 0.9)).probabilities)
     adjacent = predictor.segment(images).probabilities  # what it would be with the adjacent slices
     assert np.abs(thin.probabilities - adjacent).max() > 1e-4
+
+
+def test_a_cached_patient_with_a_known_spacing_gets_the_neighbours_training_gave_it(kaggle, tmp_path, monkeypatch):
+    from tumorseg.evaluation import segment_cached
+
+    cache = prepare(kaggle.root, tmp_path / "cache", progress=False)
+    patient = "PAT_A_2001"
+    monkeypatch.setattr(cache.records[patient], "spacing", [1.0, 0.9, 0.9])  # as a NIfTI patient's record
+    trained_on, _ = load_arrays(cache, [patient], CONTEXT).patient_batch(0)
+    assert torch.equal(trained_on[2, 4], trained_on[7, 1])  # 5 slices away at 1 mm
+    predictor = Predictor([UNet(in_channels=5, n_features=4, depth=3).eval()], channels=CONTEXT, device="cpu",
+                          precision="fp32")
+    seen = []
+    real = predictor.predict
+    monkeypatch.setattr(predictor, "predict", lambda x, **k: seen.append(x) or real(x, **k))
+    segment_cached(predictor, cache, patient)
+    torch.testing.assert_close(seen[0], trained_on, rtol=0, atol=0)

@@ -309,6 +309,13 @@ def test_fine_tuning_a_fold_ensemble_starts_each_fold_from_the_model_that_never_
     with pytest.raises(TumorsegError, match="does not record the patients it was trained on"):
         check_init(tiny(init=str(tmp_path / "nosplit.pt")), split)
     check_init(tiny(), split)  # random weights: nothing to check
+    # a run with a test set: starting models must not have seen it either
+    held = make_split(list(PATIENTS), folds=3, test_fraction=0.25)
+    (tmp_path / "held").mkdir()
+    _fold_ensemble(tmp_path / "held" / "ens.pt", held,
+                   [{"fold": k, "train": held.train(k) + held.test} for k in range(3)])
+    with pytest.raises(TumorsegError, match=rf"trained on 1 patient\(s\) of the test set \(e.g. {held.test[0]}\)"):
+        check_init(tiny(init=str(tmp_path / "held" / "ens.pt")), held)
 
 
 @pytest.mark.slow

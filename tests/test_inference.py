@@ -263,3 +263,14 @@ def test_a_model_files_quality_rule_and_training_patients_come_with_the_predicto
     both = Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], device="cpu", precision="fp32",
                                       engine="torch")
     assert both.qc_rule is None
+
+
+def test_a_damaged_quality_entry_is_named_where_the_rule_is_used_and_does_not_stop_loading(tmp_path):
+    from tumorseg.checkpoint import QC_KEY, load_members, read_payload
+
+    _save(tmp_path / "a.pt", UNet(n_features=4, depth=2).eval())
+    payload = read_payload(tmp_path / "a.pt")
+    torch.save({**payload, QC_KEY: "not a rule"}, tmp_path / "a.pt")
+    assert len(load_members(tmp_path / "a.pt")) == 1  # calibrate-qc can still read it and write a new rule
+    with pytest.raises(CheckpointError, match=f"a.pt: damaged {QC_KEY} entry \\(str, not a mapping\\)"):
+        Predictor.from_checkpoints(tmp_path / "a.pt", device="cpu", precision="fp32", engine="torch")

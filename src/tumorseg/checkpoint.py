@@ -92,9 +92,9 @@ class Checkpoint:
     tumorseg_version: str = ""
     kind: str = "tumorseg"  # "original" for the original implementation's unet.pt (not saved)
     path: str = ""  # the file it was loaded from (not saved)
-    # The quality-control entry of the file it was loaded from (`store_qc_entry`; not saved:
-    # a rule belongs to the file's weights, all of them)
-    qc_entry: dict[str, Any] | None = None
+    # The quality-control entry of the file it was loaded from as stored (`store_qc_entry`;
+    # checked by `qc_entry_of`), not saved: a rule belongs to the file's weights, all of them
+    qc_entry: Any = None
 
     @classmethod
     def of_model(cls, model: UNet, **fields: Any) -> Checkpoint:
@@ -246,7 +246,6 @@ def _training_state(d: Any) -> TrainingState | None:
 
 def _tumorseg_checkpoint(obj: dict[str, Any], path: Path) -> Checkpoint:
     obj = _migrate(obj, path)
-    qc_entry = _qc_entry(obj, path)
     try:
         cfg = ModelConfig.from_dict(obj["model_config"])
         norm = obj.get("normalization") or {}
@@ -265,7 +264,7 @@ def _tumorseg_checkpoint(obj: dict[str, Any], path: Path) -> Checkpoint:
             best=dict(obj.get("best") or {}), metrics=dict(obj.get("metrics") or {}), split=obj.get("split"),
             training=_training_state(obj.get("training")), notes=str(obj.get("notes", "")),
             tumorseg_version=str(obj.get("tumorseg_version", "")), kind="tumorseg", path=str(path),
-            qc_entry=qc_entry,
+            qc_entry=obj.get(QC_KEY),
         )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         # TumorsegError is a ValueError: a bad stored inference setting lands here too.
@@ -399,6 +398,26 @@ def _checkpoint(obj: dict[str, Any], path: Path) -> Checkpoint:
                       epoch=int(obj.get("epoch", 0) or 0), kind="original", path=str(path))
 
 
+def load_member(reference: str) -> Checkpoint:
+    """The model that `MODEL.pt` (a single model) or `MODEL.pt@K` (model K of an ensemble
+    file, from 0) names.
+
+    Raises:
+        CheckpointError: as `load_members`; an ensemble named without @K; K out of range.
+    """
+    path, sep, member = reference.rpartition("@")
+    if not (sep and member.isdigit()):
+        path, member = reference, ""
+    members = load_members(path)
+    if not member:
+        if len(members) > 1:
+            raise CheckpointError(f"{reference} is an ensemble of {len(members)} models; name one as {path}@K")
+        return members[0]
+    if int(member) >= len(members):
+        raise CheckpointError(f"{reference}: {path} holds models 0..{len(members) - 1}")
+    return members[int(member)]
+
+
 def load_model(path: str | Path) -> UNet | Ensemble:
     """Load a tumorseg checkpoint or the original published `unet.pt` as the `UNet`, or an
     ensemble file as an `Ensemble` of them, in eval mode (forward returns logits; an
@@ -433,11 +452,15 @@ def read_qc_entry(path: str | Path) -> dict[str, Any] | None:
     Raises:
         CheckpointError: an unreadable file, or an entry that is not a dictionary.
     """
-    return _qc_entry(read_payload(path), Path(path))
+    return qc_entry_of(read_payload(path).get(QC_KEY), Path(path))
 
 
-def _qc_entry(obj: dict[str, Any], path: Path) -> dict[str, Any] | None:
-    entry = obj.get(QC_KEY)
+def qc_entry_of(entry: Any, path: str | Path) -> dict[str, Any] | None:
+    """A stored quality-control entry, checked: a mapping, or None.
+
+    Raises:
+        CheckpointError: an entry that is not a dictionary.
+    """
     if entry is not None and not isinstance(entry, dict):
         raise CheckpointError(f"{path}: damaged {QC_KEY} entry ({type(entry).__name__}, not a mapping)")
     return entry

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from tumorseg.checkpoint import Checkpoint, load_checkpoint, load_members
+from tumorseg.checkpoint import Checkpoint, load_checkpoint, load_member, load_members
 from tumorseg.config import InferenceConfig, TrainConfig
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.splits import Split, load_split, make_split, save_split
@@ -83,42 +83,52 @@ def fold_config(cfg: TrainConfig, k: int) -> TrainConfig:
     `cfg.folds` models without `@K` (a fold ensemble, such as the shipped model), fold k
     starts from its model k (`MODEL.pt@k`, see `check_init`)."""
     cfg_k = dataclasses.replace(cfg, fold=k)
-    if cfg.init and "@" not in cfg.init and len(_init_splits(cfg.init)) == cfg.folds:
+    if cfg.init and _models_in(cfg.init) == cfg.folds:
         return dataclasses.replace(cfg_k, init=f"{cfg.init}@{k}")
     return cfg_k
 
 
+def _models_in(path: str) -> int:
+    """How many models the file `path` holds (0 when it is not a readable model file, e.g.
+    `MODEL.pt@K`); read once per version of the file."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return 0
+    return _count_models(path, stat.st_mtime_ns, stat.st_size)
+
+
 @functools.lru_cache(maxsize=4)
-def _init_splits(path: str) -> list[dict[str, Any] | None]:
-    """The split each model of the file `path` keeps (read once per process)."""
-    return [m.split for m in load_members(path)]
+def _count_models(path: str, mtime_ns: int, size: int) -> int:
+    return len(load_members(path))
 
 
 def check_init(cfg: TrainConfig, split: Split) -> None:
     """Fold models started from other weights (`--init`) are scored on patients those
     weights never saw: each fold's starting model was trained on none of the fold's
-    patients (by the split it carries).
+    patients nor of the test set (by the split it carries).
 
     Raises:
         TumorsegError: a starting model trained on patients of the fold it would be scored
-            on, or one that does not say which patients it was trained on.
+            on or of the test set, or one that does not say which patients it was trained on.
     """
     if not cfg.init:
         return
     for k in range(len(split.folds)):
         init = fold_config(cfg, k).init
-        path, _, member = init.rpartition("@") if "@" in init else (init, "", "")
-        splits = _init_splits(path)
-        trained = splits[int(member)] if member.isdigit() and int(member) < len(splits) else splits[0]
+        trained = load_member(init).split
         if trained is None:
             raise TumorsegError(f"--init {init} does not record the patients it was trained on, so its fine-tuned "
                                 "fold models could be scored on patients it saw; start from a tumorseg model "
                                 "(or a fold ensemble) that keeps its split")
-        seen = sorted(set(trained.get("train", [])) & set(split.folds[k]))
-        if seen:
-            raise TumorsegError(f"--init {init} was trained on {len(seen)} patient(s) of fold {k} (e.g. {seen[0]}), "
-                                f"which its fold model would be scored on; start from a fold ensemble of this "
-                                f"split ({cfg.folds} models, one per fold) or from random weights")
+        seen = set(trained.get("train", []))
+        for where, patients in ((f"fold {k}", split.folds[k]), ("the test set", split.test)):
+            overlap = sorted(seen & set(patients))
+            if overlap:
+                raise TumorsegError(
+                    f"--init {init} was trained on {len(overlap)} patient(s) of {where} (e.g. {overlap[0]}), which "
+                    f"its fold model would be scored on; start from a fold ensemble of this split ({cfg.folds} "
+                    "models, one per fold) or from random weights")
 
 
 def check_fold(state: Checkpoint, cfg: TrainConfig, split: Split, k: int) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tumorseg.checkpoint import Checkpoint, load_members
+from tumorseg.checkpoint import Checkpoint, load_members, qc_entry_of
 from tumorseg.config import CHANNELS, ENGINE_CHOICES, NORM_PERCENTILES, InferenceConfig, channel_indices
 from tumorseg.data.channels import select_channels, slice_spacing
 from tumorseg.data.inputs import InputVolume
@@ -356,7 +356,7 @@ def _qc_rule(paths: list[Path], first: Checkpoint, inference: InferenceConfig) -
     A rule belongs to the weights of its file (several files make an ensemble without
     one) and to the threshold, post-processing and TTA it was calibrated with: under
     other settings the results carry the features without a flag, and a warning says so."""
-    entry = first.qc_entry if len(paths) == 1 and first.kind == "tumorseg" else None
+    entry = qc_entry_of(first.qc_entry, paths[0]) if len(paths) == 1 and first.kind == "tumorseg" else None
     if not entry or not entry.get("rule"):
         return None
     calibrated = ((entry.get("calibration") or {}).get("inference"))

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tumorseg.checkpoint import Checkpoint, TrainingState, load_checkpoint, load_members, save_checkpoint
+from tumorseg.checkpoint import Checkpoint, TrainingState, load_checkpoint, load_member, save_checkpoint
 from tumorseg.config import NORM_PERCENTILES, InferenceConfig, TrainConfig, merge_layers, parse_channels
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.data.dataset import SliceArrays, load_arrays
@@ -205,19 +205,18 @@ def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     Raises:
         TumorsegError: a missing model, or one of another architecture than `cfg`'s.
     """
-    path, _, member = cfg.init.rpartition("@") if "@" in cfg.init else (cfg.init, "", "")
-    members = load_members(path)
-    try:
-        chosen = members[int(member)] if member else members[0]
-    except (ValueError, IndexError):
-        raise TumorsegError(f"--init {cfg.init}: {path} holds models 0..{len(members) - 1}") from None
-    if not member and len(members) > 1:
-        raise TumorsegError(f"--init {cfg.init} is an ensemble of {len(members)} models; name one as {path}@K")
+    chosen = load_member(cfg.init)
     if replace(chosen.model_config, in_channels=len(cfg.channels)) != cfg.model_config():
         raise TumorsegError(f"--init {cfg.init} is a {chosen.model_config} model; the run's config asks for "
                             f"{cfg.model_config()}: give the same depth and features")
     weights = {k: v.float() for k, v in chosen.state_dict.items()}
     if tuple(chosen.channels) != tuple(cfg.channels):
+        kept = set(parse_channels(list(cfg.channels)))
+        dropped = [n for n, c in zip(chosen.channels, parse_channels(list(chosen.channels)), strict=True)
+                   if c not in kept]
+        if dropped:
+            log.warning(f"--init {cfg.init}: its input channel(s) {', '.join(dropped)} are not among the run's "
+                        f"channels; their weights are dropped, so the run does not start from its output")
         weights[FIRST_CONV] = map_input_channels(weights[FIRST_CONV], chosen.channels, cfg.channels)
     return weights
 

@@ -584,7 +584,7 @@ def check_memory(stacks: Sequence[Stack], max_bytes: int | None = None) -> None:
         DataError: naming the series and their size.
     """
     max_bytes = dicom_max_bytes(max_bytes)
-    sizes = [(s, int(np.prod(s.shape)) * 4) for s in stacks]
+    sizes = [(s, _float32_bytes(s)) for s in stacks]
     total = sum(n for _, n in sizes)
     if total > max_bytes:
         listing = ", ".join(f"{s.series.label} {s.shape[1]}x{s.shape[0]}x{s.shape[2]}" for s, _ in sizes)
@@ -598,7 +598,11 @@ def session_bytes(study: Mapping[str, Series], name: str, series: Mapping[str, s
     Raises:
         DataError: as `select_series` and `sort_planes`.
     """
-    return sum(int(np.prod(sort_planes(s).shape)) * 4 for s in select_series(study, name, series).values())
+    return sum(_float32_bytes(sort_planes(s)) for s in select_series(study, name, series).values())
+
+
+def _float32_bytes(stack: Stack) -> int:
+    return int(np.prod(stack.shape)) * 4
 
 
 def read_session(study: Mapping[str, Series], name: str, *, series: Mapping[str, str] | None = None,
