@@ -201,7 +201,8 @@ def compare_postprocessing(patients: Iterable[tuple[str, np.ndarray, np.ndarray]
 
     Args:
         patients: (name, probabilities float (S, H, W), truth bool (S, H, W)) per patient.
-        baseline, candidate: the settings compared (candidate - baseline).
+        baseline: the setting compared against.
+        candidate: the setting compared (differences are candidate - baseline).
         resamples: bootstrap resamples of the patients for the interval of the mean
             difference (percentile interval, generator seeded with `seed`).
 
