@@ -11,7 +11,7 @@ import torch
 
 from tumorseg.config import Channel, TrainConfig, neighbour_step, parse_channels, replace_config
 from tumorseg.data.cache import prepare
-from tumorseg.data.channels import has_neighbours, select_channels
+from tumorseg.data.channels import select_channels
 from tumorseg.data.dataset import load_arrays
 from tumorseg.inference import Predictor
 from tumorseg.model import UNet
@@ -23,7 +23,6 @@ CONTEXT = ("pre-contrast", "FLAIR", "post-contrast", "FLAIR-1", "FLAIR+1")
 def test_channel_names_parse_to_sequence_and_offset():
     assert parse_channels(["FLAIR+1", "pre-contrast", "Pre-Contrast-2", " flair-1 ", "post-contrast"]) == [
         Channel(1, 1), Channel(0, 0), Channel(0, -2), Channel(1, -1), Channel(2, 0)]
-    assert has_neighbours(CONTEXT) and not has_neighbours(CONTEXT[:3])
 
 
 @pytest.mark.parametrize("spacing, step", [(None, 1), (5.0, 1), (7.0, 1), (1.0, 5), (2.4, 2), (0.9, 6),

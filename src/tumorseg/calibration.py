@@ -35,7 +35,7 @@ from tumorseg.config import InferenceConfig
 from tumorseg.data.cache import Cache, open_data
 from tumorseg.engines import choose_engine
 from tumorseg.errors import TumorsegError
-from tumorseg.evaluation import segment_cached
+from tumorseg.evaluation import patient_spacing, segment_cached
 from tumorseg.fileio import atomic_write, atomic_write_text, prepare_output_dir
 from tumorseg.inference import Predictor
 from tumorseg.metrics import confusion_counts, dice_from_counts, paired_comparison
@@ -105,11 +105,6 @@ def out_of_fold_probabilities(members: list[Checkpoint], cache: Cache, folder: P
         yield patient, k, half.astype(np.float32)
 
 
-def _spacing(cache: Cache, patient: str) -> tuple[float, float, float] | None:
-    spacing = cache.records[patient].spacing
-    return tuple(spacing) if spacing else None  # type: ignore[return-value]
-
-
 def calibrate_qc(model_path: str | Path, data: str | Path, out_dir: str | Path, *, device: str = "cpu",
                  engine: str = "auto", progress: bool = True, bad_below: float = BAD_BELOW,
                  min_specificity: float = MIN_SPECIFICITY) -> dict[str, Any]:
@@ -139,7 +134,8 @@ def calibrate_qc(model_path: str | Path, data: str | Path, out_dir: str | Path, 
         names.append(patient)
         folds.append(k)
         dices.append(dice_from_counts(confusion_counts(mask, truth)))
-        features.append(patient_features(probs[None], mask, inference, _spacing(cache, patient)).to_dict())
+        spacing = patient_spacing(cache.records[patient])
+        features.append(patient_features(probs[None], mask, inference, spacing).to_dict())
     if not names:
         raise TumorsegError(f"no patient of {data} was held out by a model of {model_path}; calibrate on the data "
                             "the ensemble was cross-validated on")

@@ -20,7 +20,6 @@ interrupted fold continues, probabilities already written are reused.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 from pathlib import Path
@@ -89,18 +88,9 @@ def fold_config(cfg: TrainConfig, k: int) -> TrainConfig:
 
 
 def _models_in(path: str) -> int:
-    """How many models the file `path` holds (0 when it is not a readable model file, e.g.
-    `MODEL.pt@K`); read once per version of the file."""
-    try:
-        stat = Path(path).stat()
-    except OSError:
-        return 0
-    return _count_models(path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=4)
-def _count_models(path: str, mtime_ns: int, size: int) -> int:
-    return len(load_members(path))
+    """How many models the file `path` holds (0 when there is no such file, e.g. for
+    `MODEL.pt@K`: `training.initial_weights` names what is wrong)."""
+    return len(load_members(path)) if Path(path).is_file() else 0
 
 
 def check_init(cfg: TrainConfig, split: Split) -> None:

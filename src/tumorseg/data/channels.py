@@ -24,10 +24,10 @@ def select_channels(volume: np.ndarray, channels: Sequence[str], slice_spacing: 
     between slices, in mm, is unknown); past the first or last slice the edge slice repeats.
     """
     specs = parse_channels(list(channels))
+    if all(c.offset == 0 for c in specs):
+        return (volume if slices is None else volume[list(slices)])[..., [c.sequence for c in specs]]
     n = volume.shape[0]
     wanted = np.arange(n) if slices is None else np.asarray(slices, dtype=np.int64)
-    if all(c.offset == 0 for c in specs):
-        return volume[wanted if slices is not None else slice(None)][..., [c.sequence for c in specs]]
     step = neighbour_step(slice_spacing)
     out = np.empty((len(wanted), *volume.shape[1:3], len(specs)), dtype=volume.dtype)
     for j, c in enumerate(specs):
@@ -39,7 +39,3 @@ def slice_spacing(spacing: Sequence[float] | None) -> float | None:
     """The spacing between slices (mm) of a (slices, rows, columns) spacing, or None."""
     return float(spacing[0]) if spacing else None
 
-
-def has_neighbours(channels: Sequence[str]) -> bool:
-    """Whether any channel is of a neighbouring slice (a 2.5-D model)."""
-    return any(c.offset for c in parse_channels(list(channels)))

@@ -198,9 +198,6 @@ def _float_or_none(value) -> float | None:
         return None
 
 
-has_dicom_preamble = is_dicom_file  # "DICM" at byte 128: a DICOM Part 10 file (`data.formats`)
-
-
 def _candidate_files(folder: Path):
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -214,8 +211,8 @@ def is_dicom_input(path: str | Path) -> bool:
     """Whether `path` is a DICOMDIR, a DICOM file, or a folder holding DICOM files at any depth."""
     path = Path(path)
     if path.is_file():
-        return path.name.upper() == "DICOMDIR" or has_dicom_preamble(path)
-    return path.is_dir() and any(has_dicom_preamble(p) for p in _candidate_files(path))
+        return path.name.upper() == "DICOMDIR" or is_dicom_file(path)
+    return path.is_dir() and any(is_dicom_file(p) for p in _candidate_files(path))
 
 
 def skip_reason(image_type: Sequence[str]) -> str | None:
@@ -245,7 +242,7 @@ def scan_dicom(path: str | Path) -> dict[tuple[str, str], dict[str, Series]]:
         raise DataError(f"{path} does not exist; pass a folder of DICOM files or a DICOMDIR")
     if path.is_file() and path.name.upper() == "DICOMDIR":
         path = path.parent
-    files = [path] if path.is_file() else [p for p in _candidate_files(path) if has_dicom_preamble(p)]
+    files = [path] if path.is_file() else [p for p in _candidate_files(path) if is_dicom_file(p)]
     sessions: dict[tuple[str, str], dict[str, Series]] = {}
     skipped: dict[str, str] = {}
     for file in files:
